@@ -1,0 +1,26 @@
+# Two commands on a fresh machine with Python 3.11+ and make:
+#   make demo   installs into .venv if needed, runs the digits benchmark
+#   make test   installs into .venv if needed, runs the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test overhead clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test,experiments]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m experiments.quickstart
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,341 @@
+"""Persistent-homology summaries of a connectome and the distances between them.
+
+DESIGN.md section 2, "Birth/death sets and TOP", "Fixed-size summaries" and
+"WD".
+
+* TOP: the graph filtration of the complete graph weighted by ``M``. Its
+  birth set is the multiset of maximum-spanning-tree weights (P - 1 values),
+  its death set every other edge weight. The optimizer keeps a K-point
+  quantile summary of each sorted set; two backends compute it: ``device``
+  (pure JAX, stays on the accelerator) and ``host`` (NumPy/SciPy through
+  ``jax.pure_callback``).
+* WD: Vietoris-Rips persistence of ``D = sqrt(1 - M)`` with ripser (H0 without
+  its infinite bar, and H1), compared with the 1-Wasserstein distance of
+  persistence diagrams (Euclidean ground metric, diagonal matching). Host only.
+
+Exact ``top_distance`` and ``wd_distance`` are public for analysis and tests.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# ----------------------------------------------------------------------------
+# Set sizes and quantile ranks (static, shared by both backends).
+
+
+def set_sizes(num_nodes: int) -> tuple[int, int]:
+  """``(n_b, n_d)``: sizes of the birth and death sets of a P-node graph."""
+  p = int(num_nodes)
+  if p < 2:
+    return 0, 0
+  n_b = p - 1
+  return n_b, p * (p - 1) // 2 - n_b
+
+
+def quantile_ranks(n: int, resolution: int) -> np.ndarray:
+  """Ranks ``floor((k + 1/2) n / K)`` of the K-point summary of n sorted values."""
+  k = np.arange(resolution, dtype=np.int64)
+  return ((2 * k + 1) * int(n)) // (2 * resolution)
+
+
+def _death_ranks_to_edge_ranks(removed: np.ndarray | jax.Array, ranks, xp):
+  """Positions in the sorted edge list of the given death-set ranks.
+
+  ``removed`` holds the (ascending, distinct) positions of the birth edges in
+  the sorted edge list. The r-th surviving position is ``r`` plus the number
+  of removed positions preceded by at most ``r`` survivors.
+  """
+  survivors_before = removed - xp.arange(removed.shape[0])
+  return ranks + xp.searchsorted(survivors_before, ranks, side="right")
+
+
+def _birth_positions(edges_sorted, births_sorted, xp):
+  """Distinct positions of the birth multiset inside the sorted edge list.
+
+  Equal values are interchangeable, so the j-th copy of a value among the
+  births takes the j-th slot of that value among the edges.
+  """
+  first_in_edges = xp.searchsorted(edges_sorted, births_sorted, side="left")
+  first_in_births = xp.searchsorted(births_sorted, births_sorted, side="left")
+  return first_in_edges + (xp.arange(births_sorted.shape[0]) - first_in_births)
+
+
+# ----------------------------------------------------------------------------
+# Exact birth/death sets on the host.
+
+
+def _as_host_matrix(m) -> np.ndarray:
+  m = np.asarray(m, dtype=np.float32)
+  if m.ndim != 2 or m.shape[0] != m.shape[1]:
+    raise ValueError(f"connectome must be a square [P, P] matrix, got {m.shape}.")
+  return m
+
+
+def _upper_edges(m: np.ndarray) -> np.ndarray:
+  return m[np.triu_indices(m.shape[0], k=1)]
+
+
+def max_spanning_tree_weights(m) -> np.ndarray:
+  """Weights of a maximum spanning tree of the complete graph ``M`` (host).
+
+  A maximum spanning tree of ``M`` is a minimum spanning tree of ``1 - M``,
+  which is what single-linkage clustering computes; its merge heights are the
+  tree's edge lengths. In float64, ``1 - (1 - w)`` recovers every float32
+  weight exactly.
+
+  Returns:
+    float32 array of ``P - 1`` weights, sorted ascending.
+  """
+  from scipy.cluster import hierarchy  # pylint: disable=import-outside-toplevel
+
+  m = _as_host_matrix(m)
+  p = m.shape[0]
+  if p < 2:
+    return np.zeros((0,), np.float32)
+  condensed = 1.0 - _upper_edges(m).astype(np.float64)
+  heights = hierarchy.linkage(condensed, method="single")[:, 2]
+  return np.sort((1.0 - heights).astype(np.float32))
+
+
+def birth_death_sets(m) -> tuple[np.ndarray, np.ndarray]:
+  """Exact sorted birth set ``B(M)`` and death set ``D(M)`` (host, float32)."""
+  m = _as_host_matrix(m)
+  births = max_spanning_tree_weights(m)
+  edges = np.sort(_upper_edges(m))
+  keep = np.ones(edges.shape[0], dtype=bool)
+  keep[_birth_positions(edges, births, np)] = False
+  return births, edges[keep]
+
+
+def top_distance(m1, m2) -> float:
+  """Exact TOP distance between two connectomes with the same node count.
+
+  ``sum_i (b_i - b'_i)^2 + sum_j (d_j - d'_j)^2`` over the sorted birth and
+  death sets (Songdechakraiwut et al., ICLR 2022).
+
+  Example:
+    >>> import numpy as np
+    >>> from cgalr_jax import top_distance
+    >>> m = np.array([[0, .9, .1], [.9, 0, .5], [.1, .5, 0]], np.float32)
+    >>> round(top_distance(m, m), 6)
+    0.0
+  """
+  m1, m2 = _as_host_matrix(m1), _as_host_matrix(m2)
+  if m1.shape != m2.shape:
+    raise ValueError(
+        f"top_distance needs equal node counts, got {m1.shape} and {m2.shape}.")
+  b1, d1 = birth_death_sets(m1)
+  b2, d2 = birth_death_sets(m2)
+  return float(np.sum((b1.astype(np.float64) - b2) ** 2)
+               + np.sum((d1.astype(np.float64) - d2) ** 2))
+
+
+# ----------------------------------------------------------------------------
+# K-point TOP summaries: host and device backends.
+
+
+def top_summary_host(m, resolution: int) -> np.ndarray:
+  """``[2, K]`` float32 quantile summary (births, deaths) computed with NumPy."""
+  m = _as_host_matrix(m)
+  n_b, n_d = set_sizes(m.shape[0])
+  out = np.zeros((2, resolution), np.float32)
+  if n_b == 0:
+    return out
+  births = max_spanning_tree_weights(m)
+  out[0] = births[quantile_ranks(n_b, resolution)]
+  if n_d:
+    edges = np.sort(_upper_edges(m))
+    removed = _birth_positions(edges, births, np)
+    ranks = _death_ranks_to_edge_ranks(
+        removed, quantile_ranks(n_d, resolution), np)
+    out[1] = edges[ranks]
+  return out
+
+
+def max_spanning_tree_weights_device(m: jax.Array) -> jax.Array:
+  """Maximum-spanning-tree weights with Prim's algorithm in JAX (unsorted).
+
+  O(P^2) work in P - 1 vector steps; stays on the device under ``jit``.
+  """
+  p = m.shape[0]
+  neg = jnp.asarray(-jnp.inf, m.dtype)
+  in_tree = jnp.zeros((p,), bool).at[0].set(True)
+  best = jnp.where(in_tree, neg, m[0])
+  births = jnp.zeros((p - 1,), m.dtype)
+
+  def step(i, carry):
+    in_tree, best, births = carry
+    j = jnp.argmax(best)
+    births = births.at[i].set(best[j])
+    in_tree = in_tree.at[j].set(True)
+    best = jnp.where(in_tree, neg, jnp.maximum(best, m[j]))
+    return in_tree, best, births
+
+  _, _, births = jax.lax.fori_loop(0, p - 1, step, (in_tree, best, births))
+  return births
+
+
+def top_summary_device(m: jax.Array, resolution: int) -> jax.Array:
+  """``[2, K]`` float32 quantile summary (births, deaths), pure JAX."""
+  m = jnp.asarray(m, jnp.float32)
+  p = m.shape[0]
+  n_b, n_d = set_sizes(p)
+  if n_b == 0:
+    return jnp.zeros((2, resolution), jnp.float32)
+  births = jnp.sort(max_spanning_tree_weights_device(m))
+  birth_q = births[quantile_ranks(n_b, resolution)]
+  if n_d == 0:
+    return jnp.stack([birth_q, jnp.zeros_like(birth_q)])
+  rows, cols = np.triu_indices(p, k=1)
+  edges = jnp.sort(m[rows, cols])
+  removed = _birth_positions(edges, births, jnp)
+  ranks = _death_ranks_to_edge_ranks(
+      removed, jnp.asarray(quantile_ranks(n_d, resolution)), jnp)
+  return jnp.stack([birth_q, edges[ranks]])
+
+
+def top_summary_distance(ref: jax.Array, cur: jax.Array,
+                         num_nodes: int) -> jax.Array:
+  """``TOP_K`` between two ``[2, K]`` summaries of P-node connectomes."""
+  n_b, n_d = set_sizes(num_nodes)
+  k = ref.shape[-1]
+  sq = jnp.sum(jnp.square(ref - cur), axis=-1)
+  return (n_b / k) * sq[..., 0] + (n_d / k) * sq[..., 1]
+
+
+def _host_callback(fn, result_shape, *args):
+  """``jax.pure_callback`` that turns any host exception into ``ok=False``.
+
+  ``fn`` returns a tuple matching ``result_shape`` minus the trailing flag.
+  """
+
+  def guarded(*host_args):
+    try:
+      out = fn(*(np.asarray(a) for a in host_args))
+      out = tuple(np.asarray(o, s.dtype).reshape(s.shape)
+                  for o, s in zip(out, result_shape[:-1]))
+      finite = all(np.all(np.isfinite(o)) for o in out
+                   if np.issubdtype(o.dtype, np.floating))
+      return out + (np.asarray(finite),)
+    except Exception:  # pylint: disable=broad-except
+      # A failed persistence step is a skipped measurement (DESIGN.md 2).
+      return tuple(np.zeros(s.shape, s.dtype) for s in result_shape[:-1]) + (
+          np.asarray(False),)
+
+  return jax.pure_callback(guarded, result_shape, *args,
+                           vmap_method="sequential")
+
+
+def top_summary_via_host(m: jax.Array, resolution: int):
+  """Host TOP summary from inside ``jit``: returns ``(summary, ok)``."""
+  shape = (jax.ShapeDtypeStruct((2, resolution), jnp.float32),
+           jax.ShapeDtypeStruct((), jnp.bool_))
+  summary, ok = _host_callback(
+      functools.partial(lambda x, k: (top_summary_host(x, k),), k=resolution),
+      shape, m)
+  return summary, ok
+
+
+# ----------------------------------------------------------------------------
+# WD: Vietoris-Rips diagrams and their Wasserstein distance.
+
+
+def persistence_diagrams(m) -> tuple[np.ndarray, np.ndarray]:
+  """Vietoris-Rips H0 (finite bars only) and H1 diagrams of ``sqrt(1 - M)``."""
+  import ripser  # pylint: disable=import-outside-toplevel
+
+  m = _as_host_matrix(m).astype(np.float64)
+  dist = np.sqrt(np.clip(1.0 - m, 0.0, 1.0))
+  np.fill_diagonal(dist, 0.0)
+  dgms = ripser.ripser(dist, maxdim=1, distance_matrix=True)["dgms"]
+  h0 = dgms[0][np.isfinite(dgms[0][:, 1])]
+  h1 = dgms[1][np.isfinite(dgms[1][:, 1])]
+  return h0, h1
+
+
+def diagram_distance(dgm1, dgm2, *, p: float = 1) -> float:
+  """p-Wasserstein distance between two persistence diagrams.
+
+  Euclidean ground metric; a point may instead be matched to the diagonal at
+  its Euclidean distance ``(death - birth) / sqrt(2)``. For ``p = 1`` this is
+  the convention of ``persim.wasserstein``. Points with zero persistence
+  (padding) cost nothing and are dropped first.
+  """
+  from scipy.optimize import linear_sum_assignment  # pylint: disable=import-outside-toplevel
+
+  def clean(d):
+    d = np.asarray(d, np.float64).reshape(-1, 2)
+    return d[np.isfinite(d).all(axis=1) & (d[:, 1] > d[:, 0])]
+
+  a, b = clean(dgm1), clean(dgm2)
+  na, nb = a.shape[0], b.shape[0]
+  if na + nb == 0:
+    return 0.0
+  diag_a = (a[:, 1] - a[:, 0]) / np.sqrt(2.0)
+  diag_b = (b[:, 1] - b[:, 0]) / np.sqrt(2.0)
+  # Square assignment problem: real points, then one diagonal slot per point
+  # of the other diagram; a point reaches only its own diagonal slot.
+  cost = np.zeros((na + nb, na + nb))
+  cost[:na, :nb] = np.linalg.norm(a[:, None, :] - b[None, :, :], axis=-1) ** p
+  to_diag_a = np.full((na, na), np.inf)
+  np.fill_diagonal(to_diag_a, diag_a ** p)
+  cost[:na, nb:] = to_diag_a
+  to_diag_b = np.full((nb, nb), np.inf)
+  np.fill_diagonal(to_diag_b, diag_b ** p)
+  cost[na:, :nb] = to_diag_b
+  rows, cols = linear_sum_assignment(cost)
+  return float(np.sum(cost[rows, cols]) ** (1.0 / p))
+
+
+def wd_distance(m1, m2, *, p: float = 1) -> float:
+  """Wasserstein distance between the Vietoris-Rips diagrams of two connectomes.
+
+  ``W_p(H0, H0') + W_p(H1, H1')`` on ``D = sqrt(1 - M)`` (DESIGN.md 2, WD).
+  Cost grows like O(P^3) or worse: use a node budget for large P.
+
+  Example:
+    >>> import numpy as np
+    >>> from cgalr_jax import wd_distance
+    >>> m = np.array([[0, .9, .1], [.9, 0, .5], [.1, .5, 0]], np.float32)
+    >>> wd_distance(m, m)
+    0.0
+  """
+  if p < 1:
+    raise ValueError(f"wd_distance: p must be >= 1, got {p}.")
+  h0a, h1a = persistence_diagrams(m1)
+  h0b, h1b = persistence_diagrams(m2)
+  return diagram_distance(h0a, h0b, p=p) + diagram_distance(h1a, h1b, p=p)
+
+
+def wd_summary_host(m, resolution: int) -> np.ndarray:
+  """``[2, K, 2]`` diagrams: the K most persistent H0 and H1 points.
+
+  Missing points are padded with diagonal points ``(0, 0)``, which have zero
+  persistence and so contribute nothing to any distance.
+  """
+  out = np.zeros((2, resolution, 2), np.float32)
+  for dim, dgm in enumerate(persistence_diagrams(m)):
+    if dgm.shape[0]:
+      order = np.argsort(dgm[:, 0] - dgm[:, 1], kind="stable")[:resolution]
+      out[dim, : order.shape[0]] = dgm[order]
+  return out
+
+
+def _wd_measure_host(m, ref, resolution):
+  cur = wd_summary_host(m, resolution)
+  dist = diagram_distance(ref[0], cur[0]) + diagram_distance(ref[1], cur[1])
+  return cur, np.float32(dist)
+
+
+def wd_measure_via_host(m: jax.Array, ref: jax.Array, resolution: int):
+  """Host WD step from inside ``jit``: ``(diagrams, distance_to_ref, ok)``."""
+  shape = (jax.ShapeDtypeStruct((2, resolution, 2), jnp.float32),
+           jax.ShapeDtypeStruct((), jnp.float32),
+           jax.ShapeDtypeStruct((), jnp.bool_))
+  return _host_callback(
+      functools.partial(_wd_measure_host, resolution=resolution), shape, m, ref)
