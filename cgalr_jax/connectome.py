@@ -118,21 +118,31 @@ def signals(activations: Any, *, max_nodes: int | None = None,
   return a
 
 
-def signal_stats(a: jax.Array, shift: jax.Array | None = None) -> SignalStats:
+def signal_stats(a: jax.Array, shift: jax.Array | None = None, *,
+                 axis_name: Any = None) -> SignalStats:
   """Sufficient statistics of ``[N, P]`` signals.
 
   Args:
     a: float32 signals.
-    shift: optional common per-signal offset. Defaults to the batch mean; in a
-      data-parallel run pass the *global* mean so every shard uses the same.
+    shift: optional common per-signal offset. Any value gives the same
+      correlations; the default, the batch mean, keeps float32 accurate.
+    axis_name: in ``shard_map``/``pmap`` data parallelism, the data axis:
+      the statistics are summed across it (one ``psum`` of ``P^2 + P + 1``
+      floats) so every replica describes the global batch. Under ``jit``
+      with sharded inputs (GSPMD) leave it None: the sums are global already.
   """
   a = a.astype(jnp.float32)
   if shift is None:
     shift = jnp.mean(a, axis=0)
+    if axis_name is not None:
+      # Every shard must use the same shift for the sums to add up.
+      shift = jax.lax.pmean(shift, axis_name)
   centred = a - shift
   n = jnp.asarray(a.shape[0], jnp.float32)
   total = jnp.sum(centred, axis=0)
   gram = jnp.matmul(centred.T, centred, precision=jax.lax.Precision.HIGHEST)
+  if axis_name is not None:
+    n, total, gram = jax.lax.psum((n, total, gram), axis_name)
   return SignalStats(n=n, shift=shift, total=total, gram=gram)
 
 

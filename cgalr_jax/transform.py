@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +96,29 @@ def _validate(distance, window, min_history, enter_z, exit_z, boost, brake,
            "'auto' or 'host' for distance='wd' (WD runs on the host)", backend)
 
 
+def _selector(select: Any) -> Callable[[Any], Any]:
+  """Turn ``select`` (None, key, key path or callable) into a function."""
+  if select is None:
+    return lambda activations: activations
+  if callable(select):
+    return select
+  path = tuple(select) if isinstance(select, (list, tuple)) else (select,)
+
+  def pick(activations):
+    part = activations
+    for depth, key in enumerate(path):
+      try:
+        part = part[key]
+      except (KeyError, IndexError, TypeError) as err:
+        available = list(part.keys()) if hasattr(part, "keys") else type(part)
+        raise ValueError(
+            f"scale_by_connectome: select={select!r}: no key {key!r} at depth "
+            f"{depth} of the activations; available: {available}.") from err
+    return part
+
+  return pick
+
+
 def resolve_backend(backend: str, distance: str) -> str:
   """The TOP backend ``"auto"`` stands for on the current default platform."""
   if distance == "wd":
@@ -121,6 +144,8 @@ def scale_by_connectome(
     resolution: int = 512,
     seed: int = 0,
     backend: str = "auto",
+    select: str | Sequence[Any] | Callable[[Any], Any] | None = None,
+    axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Scale updates by a connectome-guided, gated multiplier.
 
@@ -159,6 +184,15 @@ def scale_by_connectome(
     seed: seed of the node subset.
     backend: TOP backend, ``"device"`` (pure JAX), ``"host"`` (NumPy through
       ``jax.pure_callback``) or ``"auto"`` (host on CPU, device elsewhere).
+    select: which part of ``activations`` this transform reads: a key, a
+      sequence of keys (a path into nested dicts), or a callable mapping the
+      activations pytree to the part. Lets several instances inside
+      ``optax.multi_transform`` each follow their own layer (per-layer gates).
+    axis_name: the data-parallel axis under ``shard_map``/``pmap``: the
+      connectome's sufficient statistics are summed across it, host
+      persistence runs once (on the axis' first replica) and is broadcast,
+      so every replica keeps the identical scale. Not needed under ``jit``
+      with sharded arrays (GSPMD), where the reductions are already global.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -178,6 +212,12 @@ def scale_by_connectome(
   """
   _validate(distance, window, min_history, enter_z, exit_z, boost, brake,
             min_scale, max_scale, every, max_nodes, resolution, seed, backend)
+  if not (select is None or callable(select) or isinstance(
+      select, (str, int, list, tuple))):
+    raise ValueError(
+        "scale_by_connectome: select must be None, a key, a sequence of keys "
+        f"or a callable, got {select!r}.")
+  pick = _selector(select)
   if distance == "wd" and max_nodes is None:
     max_nodes = DEFAULT_WD_MAX_NODES
   summary_shape = (2, resolution) if distance == "top" else (2, resolution, 2)
@@ -199,6 +239,21 @@ def scale_by_connectome(
   def summarise(m, reference, num_nodes):
     """``(summary, distance_to_reference, ok)`` for a connectome."""
     chosen = resolve_backend(backend, distance)
+    if axis_name is not None and chosen == "host":
+      # Run the host step once per data axis, on its first replica, and
+      # broadcast it: adding zeros is exact, so every replica agrees bitwise.
+      lead = jax.lax.axis_index(axis_name) == 0
+      shapes = jax.eval_shape(lambda: summarise_here(m, reference, num_nodes,
+                                                     chosen))
+      out = jax.lax.cond(
+          lead, lambda: summarise_here(m, reference, num_nodes, chosen),
+          lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes))
+      summary, dist, ok = jax.lax.psum(
+          (out[0], out[1], out[2].astype(jnp.int32)), axis_name)
+      return summary, dist, ok > 0
+    return summarise_here(m, reference, num_nodes, chosen)
+
+  def summarise_here(m, reference, num_nodes, chosen):
     if distance == "wd":
       return topology.wd_measure_via_host(m, reference, resolution)
     if chosen == "device":
@@ -235,12 +290,12 @@ def scale_by_connectome(
         skipped=state.skipped + jnp.where(has_ref | first, 0, 1))
 
   def measure(state, activations):
-    a = signals(activations, max_nodes=max_nodes, seed=seed)
+    a = signals(pick(activations), max_nodes=max_nodes, seed=seed)
     num_samples, num_nodes = a.shape
-    if num_samples < 2 or num_nodes < 2:
+    if num_nodes < 2 or (axis_name is None and num_samples < 2):
       return skip(state)
-    stats = signal_stats(a)
-    valid = (jnp.all(jnp.isfinite(stats.gram))
+    stats = signal_stats(a, axis_name=axis_name)
+    valid = ((stats.n >= 2) & jnp.all(jnp.isfinite(stats.gram))
              & jnp.all(jnp.isfinite(stats.shift))
              & (jnp.sum(live_signals(stats)) >= 2))
 
