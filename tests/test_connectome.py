@@ -1,0 +1,201 @@
+"""cgalr_jax.connectome against numpy.corrcoef (DESIGN.md 2, Signals/Connectome)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cgalr_jax import connectome
+from cgalr_jax.connectome import (correlation_from_stats, num_signals,
+                                  signal_stats, signals)
+
+
+def reference_connectome(a: np.ndarray) -> np.ndarray:
+  """|corrcoef| of the columns of ``a`` in float64, zero diagonal."""
+  m = np.abs(np.corrcoef(np.asarray(a, np.float64), rowvar=False))
+  np.fill_diagonal(m, 0.0)
+  return m
+
+
+# Most tests share the [64, 12] float32 shape so eager op compilation and jit
+# traces are reused across tests (keeps the suite fast on 2 CI cores).
+N, P = 64, 12
+
+
+def correlated_groups(rng, n=N, groups=(3, 4, 5), noise=0.3):
+  """Signals in groups that share a latent factor, some with flipped sign."""
+  cols = []
+  for size in groups:
+    latent = rng.normal(size=n)
+    for j in range(size):
+      sign = -1.0 if j % 2 else 1.0
+      cols.append(sign * latent + noise * rng.normal(size=n) + 3.0 * j)
+  return np.stack(cols, axis=1).astype(np.float32)
+
+
+def test_random_activations_match_corrcoef(maybe_jit):
+  a = np.random.default_rng(0).normal(size=(N, P)).astype(np.float32)
+  m = np.asarray(maybe_jit(connectome)(a))
+  assert m.dtype == np.float32 and m.shape == (P, P)
+  np.testing.assert_allclose(m, reference_connectome(a), atol=2e-6)
+  np.testing.assert_array_equal(np.diagonal(m), 0.0)
+  np.testing.assert_array_equal(m, m.T)
+
+
+def test_structured_activations_match_corrcoef(maybe_jit):
+  a = correlated_groups(np.random.default_rng(1))
+  m = np.asarray(maybe_jit(connectome)(a))
+  ref = reference_connectome(a)
+  np.testing.assert_allclose(m, ref, atol=2e-6)
+  # The structure is really there: within-group |rho| are large.
+  assert ref[0, 1] > 0.8 and ref[3, 4] > 0.8 and ref[0, 3] < 0.3
+
+
+def test_large_offset_signals_keep_float32_accuracy():
+  # Mean 1e4, std ~1: a naive E[x^2] - E[x]^2 in float32 would lose all
+  # digits; the shifted sufficient statistics must not.
+  rng = np.random.default_rng(2)
+  a = correlated_groups(rng) + np.float32(1e4)
+  ref = reference_connectome(a.astype(np.float64))
+  np.testing.assert_allclose(np.asarray(connectome(a)), ref, atol=2e-3)
+
+
+def test_pooled_conv_leaf_is_corrcoef_of_spatial_means():
+  x = np.random.default_rng(3).normal(size=(32, 5, 4, 6)).astype(np.float32)
+  # Give the channels some spatially varying correlation.
+  x[..., 1] += 0.8 * x[..., 0]
+  m = np.asarray(jax.jit(connectome)(x))
+  pooled = x.astype(np.float64).mean(axis=(1, 2))
+  np.testing.assert_allclose(m, reference_connectome(pooled), atol=2e-6)
+  # A 3-D leaf [N, L, C] pools over its single middle axis.
+  y = x[:, 0]
+  np.testing.assert_allclose(
+      np.asarray(jax.jit(connectome)(y)),
+      reference_connectome(y.astype(np.float64).mean(axis=1)), atol=2e-6)
+
+
+def test_multiple_leaves_concatenate_in_tree_leaves_order():
+  rng = np.random.default_rng(4)
+  n = 48
+  dense = rng.normal(size=(n, 3)).astype(np.float32)
+  conv = rng.normal(size=(n, 3, 3, 2)).astype(np.float32)
+  single = rng.normal(size=(n,)).astype(np.float32)
+  # Dict leaves come in sorted-key order: "a_conv", "b_dense", "c_single".
+  acts = {"c_single": single, "b_dense": dense, "a_conv": conv}
+  expected = np.concatenate(
+      [conv.mean(axis=(1, 2)), dense, single[:, None]], axis=1)
+  got_signals = np.asarray(jax.jit(signals)(acts))
+  np.testing.assert_allclose(got_signals, expected, rtol=1e-6, atol=1e-6)
+  m = np.asarray(jax.jit(connectome)(acts))
+  np.testing.assert_allclose(m, reference_connectome(expected), atol=2e-6)
+  assert num_signals(acts) == 6
+  # Lists keep their own order.
+  m_list = np.asarray(jax.jit(connectome)([dense, single]))
+  np.testing.assert_allclose(
+      m_list, reference_connectome(np.concatenate([dense, single[:, None]], 1)),
+      atol=2e-6)
+
+
+def test_bfloat16_input_is_computed_in_float32():
+  a = correlated_groups(np.random.default_rng(5))
+  a_bf16 = jnp.asarray(a, jnp.bfloat16)
+  m = jax.jit(connectome)(a_bf16)
+  assert m.dtype == jnp.float32
+  rounded = np.asarray(a_bf16.astype(jnp.float32))
+  np.testing.assert_allclose(np.asarray(m), reference_connectome(rounded),
+                             atol=1e-4)
+
+
+def test_integer_and_bool_input():
+  rng = np.random.default_rng(6)
+  a = rng.integers(0, 10, size=(N, P)).astype(np.int32)
+  a[:, 1] += 2 * a[:, 0]
+  m = jax.jit(connectome)(a)
+  assert m.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(m), reference_connectome(a), atol=2e-6)
+  b = rng.random(size=(N, 4)) > 0.5
+  np.testing.assert_allclose(np.asarray(jax.jit(connectome)(b)),
+                             reference_connectome(b.astype(np.float64)),
+                             atol=2e-6)
+
+
+def test_complex_input_raises_type_error():
+  with pytest.raises(TypeError, match="activations"):
+    connectome(jnp.ones((4, 3), jnp.complex64))
+
+
+def test_dead_units_give_zero_rows_and_no_nan(maybe_jit):
+  rng = np.random.default_rng(7)
+  a = rng.normal(size=(N, P)).astype(np.float32)
+  a[:, 1] = 0.0          # relu that never fires
+  a[:, 4] = 3.7          # constant
+  a[:, 6] = 1234.5678    # large constant: float32 mean rounding must not
+                         # make it look alive
+  m = np.asarray(maybe_jit(connectome)(a))
+  assert np.all(np.isfinite(m))
+  for dead in (1, 4, 6):
+    np.testing.assert_array_equal(m[dead], 0.0)
+    np.testing.assert_array_equal(m[:, dead], 0.0)
+  live = [0, 2, 3, 5, 7, 8, 9, 10, 11]
+  np.testing.assert_allclose(m[np.ix_(live, live)],
+                             reference_connectome(a[:, live]), atol=2e-6)
+  # All units dead: the zero matrix.
+  np.testing.assert_array_equal(
+      np.asarray(maybe_jit(connectome)(np.ones((N, P), np.float32))), 0.0)
+
+
+def _subset_indices(full: np.ndarray, kept: np.ndarray) -> list[int]:
+  """Which columns of ``full`` the columns of ``kept`` are (exact match)."""
+  idx = []
+  for j in range(kept.shape[1]):
+    hits = np.flatnonzero(np.all(full == kept[:, j:j + 1], axis=0))
+    assert hits.size == 1
+    idx.append(int(hits[0]))
+  return idx
+
+
+def test_max_nodes_keeps_a_fixed_subset():
+  rng = np.random.default_rng(8)
+  a1 = rng.normal(size=(30, 20)).astype(np.float32)
+  a2 = rng.normal(size=(30, 20)).astype(np.float32)
+  a2[:, 3] = a2[:, 5] + 0.1 * a2[:, 7]
+  sig = jax.jit(functools.partial(signals, max_nodes=6, seed=3))
+  idx1 = _subset_indices(a1, np.asarray(sig(a1)))
+  idx2 = _subset_indices(a2, np.asarray(sig(a2)))
+  assert len(idx1) == 6 and len(set(idx1)) == 6
+  assert idx1 == idx2  # identical across calls (and data)
+  conn = jax.jit(functools.partial(connectome, max_nodes=6, seed=3))
+  for a in (a1, a2):
+    full = reference_connectome(a)
+    np.testing.assert_allclose(np.asarray(conn(a)),
+                               full[np.ix_(idx1, idx1)], atol=2e-6)
+  # Another seed draws another subset (with overwhelming probability).
+  other = _subset_indices(
+      a1, np.asarray(signals(a1, max_nodes=6, seed=4)))
+  assert other != idx1
+  # A budget at or above P keeps everything.
+  np.testing.assert_array_equal(np.asarray(signals(a1, max_nodes=20)), a1)
+
+
+def test_sufficient_statistics_of_chunks_sum_to_the_whole():
+  # DESIGN.md 2: stats of chunks (or shards) with a common shift add up.
+  a = correlated_groups(np.random.default_rng(9)) + 50.0
+  shift = jnp.asarray(a.mean(axis=0))
+  parts = [jax.jit(signal_stats)(jnp.asarray(c), shift) for c in np.split(a, 4)]
+  summed = jax.tree.map(lambda *xs: sum(xs), *parts)
+  summed = summed._replace(shift=shift)
+  np.testing.assert_allclose(np.asarray(correlation_from_stats(summed)),
+                             reference_connectome(a), atol=1e-5)
+
+
+def test_bad_activation_trees_raise():
+  with pytest.raises(ValueError, match="sample"):
+    connectome({"a": np.ones((8, 3)), "b": np.ones((9, 2))})
+  with pytest.raises(ValueError, match="sample axis"):
+    connectome([np.ones((8, 3)), np.float32(1.0)])
+  with pytest.raises(ValueError, match="no leaves"):
+    connectome({})
