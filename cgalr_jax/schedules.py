@@ -29,7 +29,7 @@ def robbins_monro(init_value: float, *, t0: float = 100.0,
   Example:
     >>> from cgalr_jax import robbins_monro
     >>> schedule = robbins_monro(0.1, t0=10.0, power=1.0)
-    >>> float(schedule(10))
+    >>> round(float(schedule(10)), 6)
     0.05
   """
   if not init_value > 0:
