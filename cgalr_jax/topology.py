@@ -162,6 +162,7 @@ def max_spanning_tree_weights_device(m: jax.Array) -> jax.Array:
 
   O(P^2) work in P - 1 vector steps; stays on the device under ``jit``.
   """
+  m = jnp.asarray(m)  # a NumPy matrix cannot be indexed by a traced argmax
   p = m.shape[0]
   neg = jnp.asarray(-jnp.inf, m.dtype)
   in_tree = jnp.zeros((p,), bool).at[0].set(True)
