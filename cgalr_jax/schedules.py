@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 import optax
 
@@ -32,10 +34,12 @@ def robbins_monro(init_value: float, *, t0: float = 100.0,
     >>> round(float(schedule(10)), 6)
     0.05
   """
-  if not init_value > 0:
-    raise ValueError(f"robbins_monro: init_value must be > 0, got {init_value}.")
-  if not t0 > 0:
-    raise ValueError(f"robbins_monro: t0 must be > 0, got {t0}.")
+  if not (math.isfinite(init_value) and init_value > 0):
+    raise ValueError(
+        f"robbins_monro: init_value must be a finite float > 0, got "
+        f"{init_value}.")
+  if not (math.isfinite(t0) and t0 > 0):
+    raise ValueError(f"robbins_monro: t0 must be a finite float > 0, got {t0}.")
   if not 0.5 < power <= 1.0:
     raise ValueError(
         f"robbins_monro: power must be in (0.5, 1], got {power}.")
