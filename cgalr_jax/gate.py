@@ -47,10 +47,17 @@ def robust_z(history: jax.Array, count: jax.Array, value: jax.Array) -> jax.Arra
 
 
 def push(history: jax.Array, count: jax.Array, value: jax.Array):
-  """Write ``value`` into the ring buffer; returns ``(history, count)``."""
+  """Write ``value`` into the ring buffer; returns ``(history, count)``.
+
+  Once the buffer is full, ``count`` stays in ``[window, 2 window)`` (it
+  wraps by ``window``, never overflows) so that ``count % window`` keeps
+  pointing at the oldest slot.
+  """
   window = history.shape[0]
   history = history.at[count % window].set(value.astype(history.dtype))
-  return history, jnp.minimum(count + 1, 2 * window).astype(count.dtype)
+  nxt = count + 1
+  nxt = jnp.where(nxt >= 2 * window, nxt - window, nxt)
+  return history, nxt.astype(count.dtype)
 
 
 def next_gate(gate: jax.Array, z: jax.Array, enter_z: float,

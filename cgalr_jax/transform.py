@@ -30,7 +30,8 @@ class ScaleByConnectomeState(NamedTuple):
     z: float32, robust score of the last distance (0 until ``min_history``).
     distance: float32, the last distance measured (0 before the first).
     history: float32 ``[window]`` ring buffer of past log distances.
-    history_count: int32, number of distances pushed (saturates at 2 window).
+    history_count: int32, number of distances pushed (once the buffer is
+      full it stays in ``[window, 2 window)``, wrapping by ``window``).
     reference: float32 summary of the last accepted connectome: ``[2, K]``
       birth/death quantiles for TOP, ``[2, K, 2]`` H0/H1 diagrams for WD.
     reference_nodes: int32, node count P of ``reference``; 0 means none yet.
