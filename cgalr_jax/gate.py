@@ -18,8 +18,10 @@ MAD_TO_STD = 1.4826
 # Added to the scaled MAD; z is computed on log distances, so this is a
 # floor on the log-scale spread, independent of the distances' units.
 Z_EPS = 1e-6
-# A zero distance (identical connectomes) is clamped here before the log.
-MIN_DISTANCE = 1e-30
+# Distances are clamped here before the log. Connectome weights are float32
+# in [0, 1]; below this, two connectomes differ by rounding noise only, and
+# "identical" must not read as an outlier against a history of near-zeros.
+MIN_DISTANCE = 1e-12
 
 
 def log_distance(distance: jax.Array) -> jax.Array:
