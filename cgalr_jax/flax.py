@@ -32,6 +32,7 @@ Example (Linen):
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any, Iterable
 
 import flax.linen as nn
@@ -45,6 +46,12 @@ class ConnectomeTap(nnx.Intermediate):
   """NNX variable type of tapped activations (a kind of ``nnx.Intermediate``)."""
 
 
+# True while call_with_activations runs. Outside nnx.capture, NNX's sow stores
+# the value on the module itself and appends on every call (an ever-growing
+# tuple that also changes the module's state), so NNX taps only sow inside.
+_NNX_TAPPING = contextvars.ContextVar("cgalr_nnx_tapping", default=False)
+
+
 def tap(module: Any, x: Any, name: str = "activations") -> Any:
   """Record ``x`` (``[N, P]`` or ``[N, ..., C]``) as connectome signals.
 
@@ -56,7 +63,8 @@ def tap(module: Any, x: Any, name: str = "activations") -> Any:
   if isinstance(module, nn.Module):
     module.sow(COLLECTION, name, x)
   elif isinstance(module, nnx.Module):
-    module.sow(ConnectomeTap, name, x)
+    if _NNX_TAPPING.get():
+      module.sow(ConnectomeTap, name, x)
   else:
     raise TypeError(
         f"tap: expected a flax.linen or flax.nnx Module, got {type(module)}.")
@@ -130,5 +138,9 @@ def call_with_activations(model: nnx.Module, *args: Any,
   Works inside ``nnx.jit`` / ``nnx.value_and_grad`` (return the activations
   as auxiliary output of the loss).
   """
-  out, captured = nnx.capture(model, ConnectomeTap)(*args, **kwargs)
-  return out, captured.to_pure_dict()
+  token = _NNX_TAPPING.set(True)
+  try:
+    out, captured = nnx.capture(model, ConnectomeTap)(*args, **kwargs)
+  finally:
+    _NNX_TAPPING.reset(token)
+  return out, nnx.to_pure_dict(captured)
