@@ -34,7 +34,7 @@ def dense(params, x):
 @pytest.fixture(scope="module")
 def linen():
   model = LinenMLP()
-  variables = model.init(jax.random.key(0), X)
+  variables = jax.jit(model.init)(jax.random.key(0), X)
   p = variables["params"]
   h1 = np.maximum(dense(p["Dense_0"], X), 0.0)
   h2 = np.tanh(dense(p["second"], h1))

@@ -8,7 +8,6 @@ persim.wasserstein (WD), brute force over all matchings (diagram distances).
 from __future__ import annotations
 
 import collections
-import functools
 import itertools
 
 import jax
@@ -318,13 +317,6 @@ def test_device_and_host_summaries_agree(name, m, k):
   via_host, ok = jax.jit(topology.top_summary_via_host, static_argnums=1)(m, k)
   assert bool(ok)
   np.testing.assert_array_equal(np.asarray(via_host), host)
-
-
-def test_device_summary_eager_and_jit(maybe_jit):
-  m = activation_connectome(np.random.default_rng(5), 9, dead=(3,))
-  fn = maybe_jit(functools.partial(topology.top_summary_device, resolution=10))
-  np.testing.assert_allclose(np.asarray(fn(m)),
-                             topology.top_summary_host(m, 10), atol=1e-6)
 
 
 def test_host_summary_callback_failures_and_vmap(monkeypatch):
