@@ -61,6 +61,9 @@ class Method:
     centre: centre of the tuning grid (ignored when not tuned).
     uses_activations: ``update`` takes ``activations=`` (CG-ALR).
     uses_value: ``update`` takes ``value=loss`` (reduce_on_plateau).
+    lr_from: take the tuned learning rate of this method instead of tuning
+      (cgalr_wd uses cgalr_top's: same envelope and momentum, and WD's host
+      persistence would make its tuning the most expensive by far).
   """
 
   name: str
@@ -69,6 +72,7 @@ class Method:
   centre: float = SGD_CENTRE
   uses_activations: bool = False
   uses_value: bool = False
+  lr_from: str | None = None
 
 
 def envelope(lr: float, total_steps: int) -> optax.Schedule:
@@ -103,7 +107,7 @@ _ALL = [
            lambda lr, t, spe: cgalr_jax.cgalr(envelope(lr, t),
                                               momentum=MOMENTUM,
                                               distance="wd"),
-           uses_activations=True),
+           uses_activations=True, lr_from="cgalr_top"),
     Method("rm_envelope", lambda lr, t, spe: _sgd(envelope(lr, t))),
     Method("sgd_const", lambda lr, t, spe: _sgd(lr)),
     Method("sgd_step", lambda lr, t, spe: _sgd(_step_schedule(lr, t))),
@@ -149,5 +153,5 @@ def grid(name: str, size: int = 5, decades: float = 2.0) -> list[float]:
   if size == 1:
     return [method.centre]
   half = decades / 2.0
-  return [float(method.centre * 10 ** (-half + decades * i / (size - 1)))
+  return [float(f"{method.centre * 10 ** (-half + decades * i / (size - 1)):.3g}")
           for i in range(size)]

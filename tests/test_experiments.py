@@ -1,0 +1,265 @@
+"""Tests of the experiment harness: models, methods, RED/CI, benchmark output.
+
+Nothing here downloads anything; the Cora smoke run uses
+``../shared/data/planetoid`` and is skipped when that folder is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cgalr_jax.flax import apply_with_activations
+from experiments import benchmark, data, methods, models, stats
+
+REAL_PLANETOID = (Path(__file__).resolve().parents[1].parent / "shared" /
+                  "data" / "planetoid")
+
+
+# ----------------------------------------------------------------------------
+# RED and its interval, against values computed by hand.
+
+
+def test_red_per_seed_hand_values():
+  # errors: cgalr (0.1, 0.2, 0.05), baseline (0.2, 0.2, 0.1)
+  red = stats.red_per_seed([0.9, 0.8, 0.95], [0.8, 0.8, 0.9])
+  np.testing.assert_allclose(red, [-0.5, 0.0, -0.5], atol=1e-12)
+
+
+def test_red_mean_and_t_interval_hand_values():
+  # per-seed RED (-0.5, 0, -0.5): mean -1/3, sd sqrt(1/12), se 1/6,
+  # t_{0.975, 2} = 4.302652730, half-width 0.717108788.
+  out = stats.red([0.9, 0.8, 0.95], [0.8, 0.8, 0.9])
+  assert out["mean"] == pytest.approx(-1 / 3, abs=1e-12)
+  assert out["ci_low"] == pytest.approx(-1 / 3 - 0.717108788, abs=1e-8)
+  assert out["ci_high"] == pytest.approx(-1 / 3 + 0.717108788, abs=1e-8)
+
+
+def test_mean_ci_two_values_and_one_value():
+  # (1, 3): mean 2, sd sqrt(2), se 1, t_{0.975, 1} = 12.70620474.
+  mean, low, high = stats.mean_ci([1.0, 3.0])
+  assert (mean, low, high) == pytest.approx((2.0, 2 - 12.70620474,
+                                             2 + 12.70620474))
+  assert stats.mean_ci([0.5]) == (0.5, None, None)
+
+
+def test_red_floor_keeps_a_perfect_baseline_finite():
+  red = stats.red_per_seed([0.99], [1.0], floor=0.01)
+  np.testing.assert_allclose(red, [1.0])
+  with pytest.raises(ValueError, match="paired"):
+    stats.red_per_seed([0.9, 0.8], [0.9])
+
+
+# ----------------------------------------------------------------------------
+# Models.
+
+
+def test_models_tap_the_documented_signals():
+  key = jax.random.key(0)
+  mlp = models.MLP(hidden=(8, 4), num_classes=3)
+  x = jnp.ones((5, 6))
+  v = mlp.init(key, x)
+  logits, acts = apply_with_activations(mlp, v, x)
+  assert logits.shape == (5, 3)
+  assert [a.shape for a in jax.tree.leaves(acts)] == [(5, 8), (5, 4)]
+
+  cnn = models.CNN(channels=(2, 3), num_classes=4, side=8)
+  x = jnp.ones((2, 64))
+  logits, acts = apply_with_activations(cnn, cnn.init(key, x), x)
+  assert logits.shape == (2, 4)
+  assert [a.shape for a in jax.tree.leaves(acts)] == [(2, 8, 8, 2),
+                                                       (2, 4, 4, 3)]
+
+  gcn = models.GCN(hidden=6, num_classes=3)
+  x, adj = jnp.ones((7, 5)), jnp.eye(7)
+  logits, acts = apply_with_activations(gcn, gcn.init(key, x, adj), x, adj)
+  assert logits.shape == (7, 3)
+  assert [a.shape for a in jax.tree.leaves(acts)] == [(7, 6)]
+
+
+# ----------------------------------------------------------------------------
+# Every registered method.
+
+_REQUIRED = ("cgalr_top", "cgalr_wd", "rm_envelope", "sgd_const", "sgd_step",
+             "sgd_exp", "sgd_cosine", "adam_const", "adam_cosine", "dog",
+             "prodigy", "plateau")
+
+
+def test_registry_has_every_method_of_the_protocol():
+  assert set(_REQUIRED) <= set(methods.METHODS)
+  assert not methods.METHODS["dog"].tuned
+  assert not methods.METHODS["prodigy"].tuned
+  assert methods.METHODS["cgalr_top"].uses_activations
+  assert methods.METHODS["plateau"].uses_value
+  with pytest.raises(ValueError, match="unknown method"):
+    methods.build("nope", 0.1, 10)
+
+
+def test_grid_same_size_for_every_tuned_method():
+  sizes = {len(methods.grid(n)) for n, m in methods.METHODS.items() if m.tuned}
+  assert sizes == {5}
+  g = methods.grid("sgd_const")
+  assert g[2] == methods.SGD_CENTRE and g[-1] / g[0] == pytest.approx(100)
+
+
+def _tiny_problem():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(32, 6)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, 32), jnp.int32)
+  model = models.MLP(hidden=(8, 4), num_classes=3)
+  params = model.init(jax.random.key(0), x)["params"]
+  return model, params, x, y
+
+
+def _train(name, lr, steps=4):
+  """A few eager (unjitted) steps; returns (losses, final params)."""
+  model, params, x, y = _tiny_problem()
+  spec = methods.METHODS[name]
+  opt = methods.build(name, lr, total_steps=steps, steps_per_epoch=2)
+  state = opt.init(params)
+  losses = []
+  for _ in range(steps):
+    def loss_fn(p):
+      logits, acts = apply_with_activations(model, {"params": p}, x)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, acts
+    (loss, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    extra = {}
+    if spec.uses_activations:
+      extra["activations"] = acts
+    if spec.uses_value:
+      extra["value"] = loss
+    updates, state = opt.update(grads, state, params, **extra)
+    params = optax.apply_updates(params, updates)
+    losses.append(float(loss))
+  return losses, params
+
+
+@pytest.mark.parametrize("name", sorted(methods.METHODS))
+def test_every_method_trains_without_nan(name):
+  lr = methods.METHODS[name].centre
+  losses, params = _train(name, lr)
+  assert all(math.isfinite(v) for v in losses)
+  assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("name", ["cgalr_top", "sgd_step", "adam_cosine",
+                                  "plateau"])
+def test_tuned_methods_are_linear_in_lr(name):
+  """build(lr) == build(1) followed by x lr: what the benchmark relies on."""
+  model, params, x, y = _tiny_problem()
+  spec = methods.METHODS[name]
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+  acts = {"h": jax.random.normal(jax.random.key(1), (16, 5))}
+  extra = {"activations": acts} if spec.uses_activations else {}
+  if spec.uses_value:
+    extra["value"] = jnp.float32(1.0)
+  lr = 0.37
+  a, b = methods.build(name, lr, 8), methods.build(name, 1.0, 8)
+  sa, sb = a.init(params), b.init(params)
+  for _ in range(3):
+    ua, sa = a.update(grads, sa, params, **extra)
+    ub, sb = b.update(grads, sb, params, **extra)
+    for u1, u2 in zip(jax.tree.leaves(ua), jax.tree.leaves(ub)):
+      np.testing.assert_allclose(u1, lr * u2, rtol=1e-5, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------
+# Tuned learning rates.
+
+
+def test_tuned_file_roundtrip_and_fallback(tmp_path):
+  path = tmp_path / "tuned.json"
+  benchmark.store_tuned("digits", {"sgd_const": 0.1}, path)
+  benchmark.store_tuned("digits", {"adam_const": 0.003}, path)
+  assert json.loads(path.read_text()) == {
+      "digits": {"adam_const": 0.003, "sgd_const": 0.1}}
+  assert benchmark.stored_lr("digits", "sgd_const", path) == 0.1
+  with pytest.warns(UserWarning, match="grid centre"):
+    lr = benchmark.stored_lr("cora", "adam_const", path)
+  assert lr == methods.ADAM_CENTRE
+
+
+def test_committed_tuned_file_covers_every_tuned_method():
+  tuned = benchmark.read_tuned()
+  for dataset in data.DATASETS:
+    if dataset in tuned:
+      missing = {n for n, m in methods.METHODS.items()
+                 if m.tuned and m.lr_from is None} - set(
+          tuned[dataset])
+      assert not missing, (dataset, missing)
+
+
+# ----------------------------------------------------------------------------
+# A tiny benchmark run: the summary.json contract.
+
+
+def _small_digits():
+  full = data.load("digits")
+  return data.Dataset(name="digits", num_classes=10,
+                      x_train=full.x_train[:256], y_train=full.y_train[:256],
+                      x_val=full.x_val[:64], y_val=full.y_val[:64],
+                      x_test=full.x_test[:100], y_test=full.y_test[:100])
+
+
+def test_summary_schema_from_a_tiny_run(tmp_path):
+  tuned = tmp_path / "tuned.json"
+  benchmark.store_tuned("digits", {"cgalr_top": 0.1, "sgd_cosine": 0.1},
+                        tuned)
+  names = ["cgalr_top", "sgd_cosine", "dog"]
+  summary = benchmark.run("digits", 2, tmp_path / "out", names, epochs=2,
+                          tuned_path=tuned, dataset_obj=_small_digits(),
+                          quiet=True)
+  on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
+  assert on_disk["dataset"] == "digits" and on_disk["seeds"] == 2
+  assert set(on_disk["methods"]) == set(names)
+  for name, m in on_disk["methods"].items():
+    assert len(m["test_acc"]) == 2 and len(m["final_train_loss"]) == 2
+    assert all(0.0 <= a <= 1.0 for a in m["test_acc"])
+    assert isinstance(m["wall_s"], float)
+    assert m["lr"] is None if name == "dog" else m["lr"] == 0.1
+    assert len(m["curve_test_acc"]) == 2
+  assert set(on_disk["red"]) == {"sgd_cosine", "dog"}
+  for r in on_disk["red"].values():
+    assert set(r) == {"mean", "ci_low", "ci_high"}
+    assert r["ci_low"] <= r["mean"] <= r["ci_high"]
+  # RED is the paired computation on the stored accuracies.
+  expect = stats.red(on_disk["methods"]["cgalr_top"]["test_acc"],
+                     on_disk["methods"]["dog"]["test_acc"], floor=1 / 100)
+  assert on_disk["red"]["dog"]["mean"] == pytest.approx(expect["mean"])
+  trace = on_disk["methods"]["cgalr_top"]["trace"]
+  assert len(trace["scale"]) == 2 * (256 // 64)
+  assert summary["methods"]["dog"]["lr"] is None
+  for png in ("curves.png", "cgalr_scale.png"):
+    assert (tmp_path / "out" / png).stat().st_size > 0
+  assert "| cgalr_top |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_seeds_are_one_program_and_reproducible():
+  task = benchmark.make_task("digits", epochs=1, dataset_obj=_small_digits())
+  a = benchmark.train_runs(task, "sgd_const", [0.1, 0.1], [0, 1])
+  b = benchmark.train_runs(task, "sgd_const", [0.1], [1])
+  # Run 1 of the vmapped pair equals seed 1 alone (same init, same batches).
+  np.testing.assert_allclose(a["train_loss"][1], b["train_loss"][0],
+                             rtol=1e-5)
+  assert a["train_loss"][0, 0] != a["train_loss"][1, 0]
+
+
+@pytest.mark.skipif(not (REAL_PLANETOID / "ind.cora.graph").exists(),
+                    reason="../shared/data/planetoid not present")
+def test_cora_smoke_run_on_real_files():
+  task = benchmark.make_task("cora", epochs=2, data_dir=str(REAL_PLANETOID))
+  assert task.is_graph and task.n_test == 1000
+  res = benchmark.train_runs(task, "cgalr_top", [1.0, 1.0], [0, 1])
+  assert res["test_acc"].shape == (2, 2)
+  assert np.all(np.isfinite(res["train_loss"]))
+  assert np.all(np.isfinite(res["scale"]))
+  assert res["scale"].shape == (2, 2 * task.steps_per_epoch)
