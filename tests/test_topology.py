@@ -11,7 +11,6 @@ import collections
 import itertools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import persim
 import pytest

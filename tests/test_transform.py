@@ -23,8 +23,7 @@ from scipy.sparse.csgraph import minimum_spanning_tree
 
 import cgalr_jax
 from cgalr_jax import (BOOST, BRAKE, HOLD, ScaleByConnectomeState, cgalr,
-                       connectome, diagnostics, scale_by_connectome,
-                       wd_distance)
+                       diagnostics, scale_by_connectome, wd_distance)
 from cgalr_jax import topology
 from cgalr_jax.connectome import node_subset
 
