@@ -60,6 +60,18 @@ def test_flax_training_loop_block_runs_as_written():
   assert int(diag["measured"]) == 300 and int(diag["skipped"]) == 0
 
 
+@pytest.mark.parametrize("index", range(2, len(PYTHON_BLOCKS)))
+def test_other_python_blocks_run_as_written(index):
+  # Later sections (multi-device, per-layer gates) are complete snippets too.
+  namespace = {"__name__": f"readme_block_{index}"}
+  with contextlib.redirect_stdout(io.StringIO()):
+    exec(compile(PYTHON_BLOCKS[index], f"README.md[python {index}]", "exec"),  # pylint: disable=exec-used
+         namespace)
+  if "opt_state" in namespace:
+    diag = cgalr_jax.diagnostics(namespace["opt_state"])
+    assert int(diag["measured"]) > 0 and int(diag["skipped"]) == 0
+
+
 def test_api_table_matches_the_code():
   rows = re.findall(r"^\| `(\w+)\((.*?)\)` \|", README, flags=re.M)
   names = {name for name, _ in rows}
