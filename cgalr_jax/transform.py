@@ -309,9 +309,11 @@ def scale_by_connectome(
 
     return jax.lax.cond(valid, from_valid_stats, skip, state)
 
-  def update_fn(updates, state, params=None, *, activations=None,
-                **extra_args):
-    del params, extra_args
+  # Jitted so that eager (un-jitted) training loops compile the measurement
+  # once instead of retracing its branches on every call; inside an outer
+  # jit, vmap, scan or shard_map it simply inlines.
+  @jax.jit
+  def scaled_update(updates, state, activations):
     if activations is not None:
       due = state.count % every == 0
       state = jax.lax.cond(due, lambda s: measure(s, activations),
@@ -321,6 +323,11 @@ def scale_by_connectome(
     updates = jax.tree.map(
         lambda u: None if u is None else u * scale.astype(u.dtype), updates)
     return updates, state
+
+  def update_fn(updates, state, params=None, *, activations=None,
+                **extra_args):
+    del params, extra_args
+    return scaled_update(updates, state, activations)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
