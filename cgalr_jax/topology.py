@@ -325,20 +325,31 @@ def diagram_distance(dgm1, dgm2, *, p: float = 1) -> float:
   na, nb = a.shape[0], b.shape[0]
   if na + nb == 0:
     return 0.0
-  diag_a = (a[:, 1] - a[:, 0]) / np.sqrt(2.0)
-  diag_b = (b[:, 1] - b[:, 0]) / np.sqrt(2.0)
-  # Square assignment problem: real points, then one diagonal slot per point
-  # of the other diagram; a point reaches only its own diagonal slot.
-  cost = np.zeros((na + nb, na + nb))
-  cost[:na, :nb] = np.linalg.norm(a[:, None, :] - b[None, :, :], axis=-1) ** p
-  to_diag_a = np.full((na, na), np.inf)
-  np.fill_diagonal(to_diag_a, diag_a ** p)
-  cost[:na, nb:] = to_diag_a
-  to_diag_b = np.full((nb, nb), np.inf)
-  np.fill_diagonal(to_diag_b, diag_b ** p)
-  cost[na:, :nb] = to_diag_b
-  rows, cols = linear_sum_assignment(cost)
-  return float(np.sum(cost[rows, cols]) ** (1.0 / p))
+  diag_a = ((a[:, 1] - a[:, 0]) / np.sqrt(2.0)) ** p
+  diag_b = ((b[:, 1] - b[:, 0]) / np.sqrt(2.0)) ** p
+  if na == 0 or nb == 0:
+    return float((np.sum(diag_a) + np.sum(diag_b)) ** (1.0 / p))
+  # An na x nb assignment instead of the textbook (na + nb)^2 one with
+  # diagonal slots (same optimum, several times faster): pairing a_i with
+  # b_j costs at most sending both to the diagonal, min(|a_i - b_j|^p,
+  # diag_i + diag_j), and a pair taken at the diagonal price is two
+  # diagonal matches. Every point of the larger diagram left unpaired goes
+  # to the diagonal.
+  # Euclidean ground distance, as ``np.linalg.norm(..., axis=-1)`` computes
+  # it but without its generic reduction (10x faster for 2-vectors).
+  gap_birth = a[:, None, 0] - b[None, :, 0]
+  gap_death = a[:, None, 1] - b[None, :, 1]
+  pair = np.sqrt(gap_birth * gap_birth + gap_death * gap_death) ** p
+  both_to_diagonal = diag_a[:, None] + diag_b[None, :]
+  rows, cols = linear_sum_assignment(np.minimum(pair, both_to_diagonal)
+                                     - both_to_diagonal)
+  unpaired_a = np.ones(na, bool)
+  unpaired_a[rows] = False
+  unpaired_b = np.ones(nb, bool)
+  unpaired_b[cols] = False
+  total = (np.sum(np.minimum(pair[rows, cols], both_to_diagonal[rows, cols]))
+           + np.sum(diag_a[unpaired_a]) + np.sum(diag_b[unpaired_b]))
+  return float(total ** (1.0 / p))
 
 
 def wd_distance(m1, m2, *, p: float = 1) -> float:
