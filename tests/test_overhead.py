@@ -1,0 +1,55 @@
+"""Smoke test of the overhead benchmark (experiments/overhead.py, issue 4).
+
+Tiny sizes and one repetition: this checks that the CLI runs end to end and
+writes the ``overhead.json`` schema other tools read, not any timing.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from cgalr_jax import topology
+from experiments import overhead
+
+
+def test_cli_writes_the_schema(tmp_path, capsys):
+  out = tmp_path / "run"
+  overhead.main(["--out", str(out), "--quick", "--reps", "1",
+                 "--sizes", "8", "--wd-sizes", "8",
+                 "--wd-reference-sizes", "--state-sizes", "4", "4096"])
+  result = json.loads((out / "overhead.json").read_text())
+  assert (out / "overhead.png").stat().st_size > 0
+
+  def positive(x):
+    return isinstance(x, float) and np.isfinite(x) and x > 0
+
+  for backend in ("device", "host"):
+    assert set(result["measure"][backend]) == {"8"}
+    assert all(positive(v) for v in result["measure"][backend].values())
+  assert set(result["reference"]) == {"8"}
+  assert all(positive(v) for v in result["reference"].values())
+  assert set(result["wd"]) == {"8"} and positive(result["wd"]["8"])
+  assert result["wd_reference"] == {}  # none asked: no child process here
+  step = result["step"]["mlp"]
+  for key in ("sgd_ms", "cgalr_every1_ms", "cgalr_every10_ms"):
+    assert positive(step[key])
+  assert result["state_bytes"] == {"4": result["state_bytes"]["4096"],
+                                   "4096": result["state_bytes"]["4"]}
+  assert isinstance(result["state_bytes"]["4"], int)
+  assert isinstance(result["device"], str) and result["device"]
+  assert result["auto_backend"] in ("device", "host")
+  printed = capsys.readouterr().out
+  assert "Targets" in printed and "reference" in printed
+
+
+def test_reference_pipeline_computes_the_exact_sets():
+  """The timed reference does the same work: exact birth and death sets."""
+  a = overhead.structured_activations(64, 20, seed=3)
+  births, deaths = overhead.reference_sets(a)
+  m = np.abs(np.corrcoef(a, rowvar=False))
+  np.fill_diagonal(m, 0.0)
+  exact_births, exact_deaths = topology.birth_death_sets(m.astype(np.float32))
+  np.testing.assert_allclose(births, exact_births, atol=1e-6)
+  np.testing.assert_allclose(deaths, exact_deaths, atol=1e-6)
