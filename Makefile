@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test,experiments]"
 	@touch $(STAMP)
 
+# Digits: every method, 3 seeds, learning rates from experiments/tuned.json.
 demo: $(STAMP)
-	$(BIN)/python -m experiments.quickstart
+	$(BIN)/python -m experiments.benchmark --dataset digits --seeds 3 --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

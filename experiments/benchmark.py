@@ -395,10 +395,12 @@ def plot(summary: dict, results: dict[str, dict], out: Path) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   fig, ax = plt.subplots(figsize=(8, 5))
-  for name, m in summary["methods"].items():
+  colours = plt.get_cmap("tab20").colors
+  for i, (name, m) in enumerate(summary["methods"].items()):
     curve = np.array([np.nan if v is None else v for v in m["curve_test_acc"]])
     style = "-" if name.startswith("cgalr") else "--"
     ax.plot(np.arange(1, len(curve) + 1), curve, style, label=name,
+            color=colours[(2 * i) % 20 + (2 * i) // 20],
             linewidth=2.2 if name == "cgalr_top" else 1.2)
   ax.set_xlabel("epoch")
   ax.set_ylabel(f"test accuracy (mean of {summary['seeds']} seeds)")
