@@ -480,7 +480,11 @@ def targets(result: dict) -> list[tuple[str, str, bool]]:
 
 
 def table(result: dict) -> str:
-  lines = [f"device: {result['device']}", "",
+  load = result.get("load_average", {})
+  lines = [f"device: {result['device']}",
+           f"load average (1 min) of the machine: "
+           f"{load.get('start', float('nan')):.1f} at start, "
+           f"{load.get('end', float('nan')):.1f} at end", "",
            "Measurement (activations [256, P] -> connectome -> TOP summary"
            " -> distance), median ms",
            f"{'P':<6}" + "".join(f"{b:>9}" for b in BACKENDS)
@@ -537,9 +541,12 @@ def plot(result: dict, path: Path) -> None:
   if result.get("wd"):
     wd_sizes = [int(p) for p in result["wd"]]
     ax.plot(wd_sizes, [result["wd"][str(p)] for p in wd_sizes], marker="^",
-            linestyle="--", label="WD, 64-node budget")
+            linestyle="--",
+            label=f"WD, {transform.DEFAULT_WD_MAX_NODES}-node budget")
   ax.set_xscale("log", base=2)
   ax.set_yscale("log")
+  ax.set_xticks(sizes, [str(p) for p in sizes])
+  ax.minorticks_off()
   ax.set_xlabel("signals P (N = 256 samples)")
   ax.set_ylabel("ms per measurement (median)")
   ax.set_title(f"CG-ALR measurement cost, {jax.default_backend()}",
@@ -563,7 +570,10 @@ def run(out: Path, *, sizes: Sequence[int] = SIZES,
   result: dict[str, Any] = {"device": device_description(),
                             "config": {"reps": reps, "samples": NUM_SAMPLES,
                                        "resolution": RESOLUTION,
-                                       "step_cycle": CYCLE}}
+                                       "step_cycle": CYCLE},
+                            # Other processes' load (1-minute average): a
+                            # shared machine inflates absolute times.
+                            "load_average": {"start": os.getloadavg()[0]}}
   sections = {
       "measurement cost": lambda: bench_measure(sizes, reps, log),
       "WD cost": lambda: bench_wd(wd_sizes, wd_reference_sizes, reps,
@@ -578,6 +588,7 @@ def run(out: Path, *, sizes: Sequence[int] = SIZES,
     t = time.perf_counter()
     result.update(section())
     result["section_seconds"][name] = time.perf_counter() - t
+  result["load_average"]["end"] = os.getloadavg()[0]
   result["auto_backend"] = transform.resolve_backend("auto", "top")
   result["faster_backend"] = {p: faster_backend(result, p)
                               for p in result["reference"]}
