@@ -35,10 +35,12 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -270,8 +272,12 @@ def train_runs(task: Task, method: str, lrs: Sequence[float],
 
 @contextlib.contextmanager
 def _locked(path: Path):
-  """Exclusive lock beside ``path`` (several datasets may tune at once)."""
-  lock = path.with_name(path.name + ".lock")
+  """Exclusive lock for ``path`` (several datasets may tune at once).
+
+  The lock file lives in the temp directory, not in the repository.
+  """
+  digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
+  lock = Path(tempfile.gettempdir()) / f"cgalr_tuned_{digest}.lock"
   with open(lock, "w") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
     try:
