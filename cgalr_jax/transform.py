@@ -120,23 +120,35 @@ def _selector(select: Any) -> Callable[[Any], Any]:
   return pick
 
 
-def resolve_backend(backend: str, distance: str) -> str:
+def resolve_backend(backend: str, distance: str,
+                    num_nodes: int | None = None) -> str:
   """The TOP backend ``"auto"`` stands for on the current default platform.
 
-  Chosen by ``python -m experiments.overhead`` (README, Performance). On CPU
-  the host backend (SciPy spanning tree, NumPy sort) measures fastest from
-  ~128 signals up and for the reference MLP step measuring every step: an
-  XLA:CPU sort costs ~60 ns per edge against NumPy's ~10 ns. The device
-  backend is faster on CPU below ~128 signals and when ``every`` is large,
-  because a host callback costs ~0.3 ms per call plus ~1 ms per step just
-  by being in the program; pass ``backend="device"`` there. On GPU/TPU the
-  device backend avoids the host round trip (not measured here).
+  Chosen by ``python -m experiments.overhead`` (README, Performance). On an
+  idle 2-core CPU the device backend is as fast or faster up to ~384
+  signals (and clearly faster for the reference MLP at ``every=10``): a
+  ``jax.pure_callback`` costs ~0.3 ms per call and ~1 ms per step merely by
+  being in the program. From ~512 signals the host backend wins
+  (1.5-1.7x): XLA:CPU sorts ~6x slower per edge than NumPy. So on CPU
+  "auto" is the device backend unless ``num_nodes`` is known to be at least
+  512. On GPU/TPU it is the device backend, which avoids the host round
+  trip (not measured here).
+
+  Args:
+    backend: ``"auto"``, ``"device"`` or ``"host"``.
+    distance: ``"top"`` or ``"wd"`` (WD always runs on the host).
+    num_nodes: the connectome's P when known at trace time.
   """
   if distance == "wd":
     return "host"
   if backend != "auto":
     return backend
-  return "host" if jax.default_backend() == "cpu" else "device"
+  if jax.default_backend() != "cpu":
+    return "device"
+  host_min_nodes = 512
+  if num_nodes is not None and num_nodes >= host_min_nodes:
+    return "host"
+  return "device"
 
 
 def scale_by_connectome(
