@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m experiments.benchmark --dataset digits --seeds 3 --out runs/demo
 
+# Measurement cost benchmark (README, Performance); about 4 minutes.
+overhead: $(STAMP)
+	$(BIN)/python -m experiments.overhead --out runs/overhead
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 

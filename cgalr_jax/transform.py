@@ -206,7 +206,9 @@ def scale_by_connectome(
     resolution: K, points in the fixed-size topological summary.
     seed: seed of the node subset.
     backend: TOP backend, ``"device"`` (pure JAX), ``"host"`` (NumPy through
-      ``jax.pure_callback``) or ``"auto"`` (host on CPU, device elsewhere).
+      ``jax.pure_callback``) or ``"auto"``: the device backend on GPU/TPU,
+      and on CPU below 512 signals; the host backend on CPU from 512 signals
+      (see :func:`resolve_backend` and README, Performance).
     select: which part of ``activations`` this transform reads: a key, a
       sequence of keys (a path into nested dicts), or a callable mapping the
       activations pytree to the part. Lets several instances inside
@@ -261,7 +263,7 @@ def scale_by_connectome(
 
   def summarise(m, reference, num_nodes):
     """``(summary, distance_to_reference, ok)`` for a connectome."""
-    chosen = resolve_backend(backend, distance)
+    chosen = resolve_backend(backend, distance, num_nodes)
     if axis_name is not None and chosen == "host":
       # Run the host step once per data axis, on its first replica, and
       # broadcast it: adding zeros is exact, so every replica agrees bitwise.

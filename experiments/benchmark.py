@@ -344,7 +344,7 @@ def _finite_list(a: np.ndarray) -> list:
 
 def summarise(dataset: str, seeds: int, results: dict[str, dict],
               n_test: int) -> dict:
-  """The ``summary.json`` object (issue 3 schema plus extra keys)."""
+  """The ``summary.json`` object (the documented schema plus extra keys)."""
   out: dict[str, Any] = {"dataset": dataset, "seeds": seeds, "methods": {},
                          "red": {}}
   for name, r in results.items():

@@ -1,4 +1,4 @@
-"""What the connectome measurement costs (issue 4; README "Performance").
+"""What the connectome measurement costs (README "Performance").
 
 Run::
 
@@ -69,7 +69,7 @@ NUM_SAMPLES = 256
 RESOLUTION = 512  # scale_by_connectome's default K
 CYCLE = 10  # steps per timed repetition of a training step (= every=10)
 
-# Targets of issue 4 (the benchmark reports them, it does not assert).
+# Targets (the benchmark reports them, it does not assert).
 TARGET_SPEEDUP = {512: 5.0, 1024: 10.0}
 TARGET_STEP_EVERY1 = 2.0
 TARGET_STEP_EVERY10 = 1.10
@@ -434,7 +434,7 @@ def _step_ratio(result: dict, model: str, key: str) -> float:
 
 
 def targets(result: dict) -> list[tuple[str, str, bool]]:
-  """``(target, measured, met)`` for every target of issue 4."""
+  """``(target, measured, met)`` for every target."""
   rows = []
   auto = result["auto_backend"]
   for p, need in TARGET_SPEEDUP.items():
@@ -656,7 +656,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       help="tiny training models (smoke test only)")
   args = parser.parse_args(argv)
   if args.reps < 20 and not args.quick:
-    print(f"note: --reps {args.reps} < 20; issue 4 asks for >= 20",
+    print(f"note: --reps {args.reps} < 20; the targets call for >= 20",
           file=sys.stderr)
   return run(args.out, sizes=args.sizes, wd_sizes=args.wd_sizes,
              wd_reference_sizes=args.wd_reference_sizes,

@@ -1,4 +1,4 @@
-"""Smoke test of the overhead benchmark (experiments/overhead.py, issue 4).
+"""Smoke test of the overhead benchmark (experiments/overhead.py).
 
 Tiny sizes and one repetition: this checks that the CLI runs end to end and
 writes the ``overhead.json`` schema other tools read, not any timing.
