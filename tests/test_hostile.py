@@ -175,7 +175,7 @@ def test_failing_wd_host_step_is_skipped(monkeypatch):
 
 
 def test_training_through_garbage_never_reaches_parameters():
-  """A loop where a third of the batches carry NaN/Inf activations."""
+  """A loop where two of every three batches carry NaN or Inf activations."""
   opt = cgalr_jax.cgalr(0.05, backend="device", window=4, min_history=2)
   params = {"w": jax.random.normal(jax.random.key(0), (8, 5))}
   state = opt.init(params)
