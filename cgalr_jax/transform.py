@@ -400,14 +400,7 @@ def find_states(opt_state: Any) -> list[ScaleByConnectomeState]:
           if is_state(x)]
 
 
-_DIAGNOSTIC_FIELDS: dict[str, Callable[[ScaleByConnectomeState], jax.Array]] = {
-    "distance": lambda s: s.distance,
-    "z": lambda s: s.z,
-    "gate": lambda s: s.gate,
-    "scale": lambda s: s.scale,
-    "measured": lambda s: s.measured,
-    "skipped": lambda s: s.skipped,
-}
+_DIAGNOSTIC_FIELDS = ("distance", "z", "gate", "scale", "measured", "skipped")
 
 
 def diagnostics(opt_state: Any) -> dict[str, jax.Array]:
@@ -425,6 +418,6 @@ def diagnostics(opt_state: Any) -> dict[str, jax.Array]:
   if not states:
     raise ValueError("diagnostics: no scale_by_connectome state in opt_state.")
   if len(states) == 1:
-    return {k: get(states[0]) for k, get in _DIAGNOSTIC_FIELDS.items()}
-  return {k: jnp.stack([get(s) for s in states])
-          for k, get in _DIAGNOSTIC_FIELDS.items()}
+    return {k: getattr(states[0], k) for k in _DIAGNOSTIC_FIELDS}
+  return {k: jnp.stack([getattr(s, k) for s in states])
+          for k in _DIAGNOSTIC_FIELDS}

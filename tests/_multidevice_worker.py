@@ -65,18 +65,6 @@ def local_step(optimizer, params, opt_state, x, y, axis_name=None):
   return optax.apply_updates(params, updates), opt_state
 
 
-def run_single():
-  optimizer = make_optimizer()
-  params = init_params()
-  opt_state = optimizer.init(params)
-  step = jax.jit(lambda p, s, x, y: local_step(optimizer, p, s, x, y))
-  scales = []
-  for x, y in zip(*batches()):
-    params, opt_state = step(params, opt_state, x, y)
-    scales.append([float(opt_state[1].scale)])
-  return scales
-
-
 def run_shard_map(devices):
   mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
   optimizer = make_optimizer("data")
@@ -98,17 +86,21 @@ def run_shard_map(devices):
   return scales
 
 
-def run_gspmd(devices):
-  mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
-  batch_sharding = NamedSharding(mesh, P("data"))
+def run_jit(devices=None):
+  """Plain ``jax.jit``; with ``devices``, the batch is sharded over them."""
+  batch_sharding = None
+  if devices is not None:
+    mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
+    batch_sharding = NamedSharding(mesh, P("data"))
   optimizer = make_optimizer()
   params = init_params()
   opt_state = optimizer.init(params)
   step = jax.jit(lambda p, s, x, y: local_step(optimizer, p, s, x, y))
   scales = []
   for x, y in zip(*batches()):
-    x = jax.device_put(x, batch_sharding)
-    y = jax.device_put(y, batch_sharding)
+    if batch_sharding is not None:
+      x = jax.device_put(x, batch_sharding)
+      y = jax.device_put(y, batch_sharding)
     params, opt_state = step(params, opt_state, x, y)
     scales.append([float(opt_state[1].scale)])
   return scales
@@ -134,10 +126,10 @@ def run_pmap(devices):
 def main():
   assert jax.device_count() >= 8, jax.devices()
   results = {
-      "single": run_single(),
+      "single": run_jit(),
       "shard_map_4": run_shard_map(4),
       "shard_map_8": run_shard_map(8),
-      "gspmd_8": run_gspmd(8),
+      "gspmd_8": run_jit(8),
       "pmap_4": run_pmap(4),
   }
   print(json.dumps(results))
