@@ -1,10 +1,15 @@
 """Robust score, hysteresis gate and bounded scale (DESIGN.md section 2).
 
 Pure JAX, fixed shapes: the distance history is a ring buffer of ``window``
-log distances with a count of how many slots are filled.
+log distances with a count of how many slots are filled. The gate's
+constants live in one validated :class:`GateConfig`.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +17,8 @@ import jax.numpy as jnp
 HOLD = 0
 BRAKE = -1
 BOOST = 1
+
+SCORES = ("trailing", "detrended")
 
 # 1.4826 * MAD estimates a standard deviation for Gaussian data.
 MAD_TO_STD = 1.4826
@@ -24,24 +31,150 @@ Z_EPS = 1e-6
 MIN_DISTANCE = 1e-12
 
 
+def is_concrete(value: Any) -> bool:
+  """True unless ``value`` is a tracer (a value only known at run time)."""
+  return not isinstance(value, jax.core.Tracer)
+
+
+def concrete_float(value: Any) -> float | None:
+  """``float(value)`` for a concrete scalar, ``None`` for a tracer."""
+  if not is_concrete(value):
+    return None
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return math.nan
+
+
+def static_int(owner: str, name: str, value: Any) -> int:
+  """An int that shapes the state; concrete 0-d arrays are accepted.
+
+  ``optax.inject_hyperparams`` turns every numeric argument into an array.
+  Sizes (``window``, ``resolution``...) fix array shapes and must be known
+  when the program is traced, so a traced value is refused with the remedy.
+  """
+  if isinstance(value, bool):
+    raise ValueError(f"{owner}: {name} must be an int, got {value!r}.")
+  if isinstance(value, int):
+    return value
+  if not is_concrete(value):
+    raise TypeError(
+        f"{owner}: {name} sets array shapes and cannot be a traced value. "
+        f"Under optax.inject_hyperparams pass static_args=({name!r},) or "
+        "leave it at its default.")
+  shape = getattr(value, "shape", None)
+  dtype = getattr(value, "dtype", None)
+  if shape == () and dtype is not None and (
+      jnp.issubdtype(dtype, jnp.integer) or (
+          jnp.issubdtype(dtype, jnp.floating) and float(value).is_integer())):
+    return int(value)
+  raise ValueError(f"{owner}: {name} must be an int, got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+  """The gate's constants, validated at construction (DESIGN.md section 2).
+
+  Float fields may be arrays (``optax.inject_hyperparams`` passes them that
+  way); they are validated whenever their value is concrete.
+
+  Attributes:
+    window: number of past log distances the robust score reads.
+    min_history: distances needed before the gate may act (``<= window``).
+    enter_z: ``z >= enter_z`` enters BRAKE, ``z <= -enter_z`` enters BOOST.
+    exit_z: BRAKE returns to HOLD at ``z <= exit_z``, BOOST at
+      ``z >= -exit_z``; ``0 <= exit_z < enter_z``.
+    boost: factor per measurement in BOOST, ``> 1``.
+    brake: factor per measurement in BRAKE, in ``(0, 1)``.
+    min_scale: lower bound of the multiplier, in ``(0, 1]``.
+    max_scale: upper bound of the multiplier, ``>= 1``.
+    score: ``"detrended"`` scores the departure of log d from the robust
+      (Theil-Sen) line through the window, so a steady fall of the distance
+      as training settles reads as normal; ``"trailing"`` scores it against
+      the window's median, so the fall itself reads as stability.
+  """
+
+  window: int = 20
+  min_history: int = 5
+  enter_z: Any = 1.5
+  exit_z: Any = 0.5
+  boost: Any = 1.05
+  brake: Any = 0.95
+  min_scale: Any = 0.25
+  max_scale: Any = 4.0
+  score: str = "detrended"
+
+  def __post_init__(self):
+    owner = "GateConfig"
+    window = static_int(owner, "window", self.window)
+    min_history = static_int(owner, "min_history", self.min_history)
+    object.__setattr__(self, "window", window)
+    object.__setattr__(self, "min_history", min_history)
+    _require(window >= 2, "window", "an int >= 2", window)
+    _require(1 <= min_history <= window, "min_history",
+             f"an int in [1, window={window}]", min_history)
+    _require(self.score in SCORES, "score", f"one of {SCORES}", self.score)
+    v = {k: concrete_float(getattr(self, k)) for k in
+         ("enter_z", "exit_z", "boost", "brake", "min_scale", "max_scale")}
+    ok = lambda x, test: x is None or (math.isfinite(x) and test(x))  # noqa: E731
+    _require(ok(v["enter_z"], lambda x: x > 0), "enter_z",
+             "a finite float > 0", self.enter_z)
+    enter = v["enter_z"]
+    _require(ok(v["exit_z"], lambda x: x >= 0 and (enter is None or x < enter)),
+             "exit_z", f"a float in [0, enter_z={self.enter_z})", self.exit_z)
+    _require(ok(v["boost"], lambda x: x > 1), "boost", "a finite float > 1",
+             self.boost)
+    _require(ok(v["brake"], lambda x: 0 < x < 1), "brake", "a float in (0, 1)",
+             self.brake)
+    _require(ok(v["min_scale"], lambda x: 0 < x <= 1), "min_scale",
+             "a float in (0, 1]", self.min_scale)
+    _require(ok(v["max_scale"], lambda x: x >= 1), "max_scale",
+             "a finite float >= 1", self.max_scale)
+
+
+def _require(ok: bool, name: str, allowed: str, value: Any) -> None:
+  if not ok:
+    raise ValueError(f"GateConfig: {name} must be {allowed}, got {value!r}.")
+
+
 def log_distance(distance: jax.Array) -> jax.Array:
   """``log(max(distance, MIN_DISTANCE))`` in float32."""
   return jnp.log(jnp.maximum(jnp.asarray(distance, jnp.float32), MIN_DISTANCE))
 
 
-def robust_z(history: jax.Array, count: jax.Array, value: jax.Array) -> jax.Array:
-  """Median/MAD score of ``value`` against the filled part of ``history``.
+def _ages(window: int, count: jax.Array) -> jax.Array:
+  """Age of each ring-buffer slot: 1 for the newest entry, ``window`` oldest."""
+  slots = jnp.arange(window)
+  return (count - 1 - slots) % window + 1
+
+
+def robust_z(history: jax.Array, count: jax.Array, value: jax.Array,
+             score: str = "trailing") -> jax.Array:
+  """Robust score of ``value`` against the filled part of ``history``.
 
   Args:
     history: ``[window]`` ring buffer of past log distances.
     count: number of filled slots (any value >= window means full).
     value: the current log distance (not in ``history``).
+    score: ``"trailing"``: ``(value - median) / (1.4826 MAD + eps)``.
+      ``"detrended"``: the same on residuals from the Theil-Sen line of the
+      history against measurement age, evaluated at the current measurement
+      (falls back to trailing below 3 points, where a line means nothing).
 
   Returns:
-    ``(value - median) / (1.4826 * MAD + eps)``; 0 when the buffer is empty.
+    float32 score; 0 when the buffer is empty.
   """
-  filled = jnp.arange(history.shape[0]) < count
+  window = history.shape[0]
+  filled = jnp.arange(window) < count
   past = jnp.where(filled, history, jnp.nan)
+  if score == "detrended":
+    x = -_ages(window, count).astype(jnp.float32)  # the current value at 0
+    dx = x[:, None] - x[None, :]
+    pair = filled[:, None] & filled[None, :] & (dx > 0)
+    slopes = jnp.where(pair, (past[:, None] - past[None, :]) / jnp.where(
+        pair, dx, 1.0), jnp.nan)
+    slope = jnp.where(jnp.sum(filled) >= 3, jnp.nanmedian(slopes), 0.0)
+    past = past - slope * x  # residuals up to the intercept; current at x=0
   med = jnp.nanmedian(past)
   mad = jnp.nanmedian(jnp.abs(past - med))
   z = (value - med) / (MAD_TO_STD * mad + Z_EPS)
@@ -62,8 +195,7 @@ def push(history: jax.Array, count: jax.Array, value: jax.Array):
   return history, nxt.astype(count.dtype)
 
 
-def next_gate(gate: jax.Array, z: jax.Array, enter_z: float,
-              exit_z: float) -> jax.Array:
+def next_gate(gate: jax.Array, z: jax.Array, enter_z, exit_z) -> jax.Array:
   """One step of the hysteresis state machine.
 
   ``z >= enter_z`` -> BRAKE; ``z <= -enter_z`` -> BOOST; in BRAKE,
@@ -78,8 +210,24 @@ def next_gate(gate: jax.Array, z: jax.Array, enter_z: float,
   return new.astype(jnp.int32)
 
 
-def next_scale(scale: jax.Array, gate: jax.Array, *, brake: float,
-               boost: float, min_scale: float, max_scale: float) -> jax.Array:
+def next_scale(scale: jax.Array, gate: jax.Array, *, brake, boost, min_scale,
+               max_scale) -> jax.Array:
   """Multiply by ``brake``/``boost``/1 according to ``gate``, then clip."""
   factor = jnp.where(gate == BRAKE, brake, jnp.where(gate == BOOST, boost, 1.0))
   return jnp.clip(scale * factor, min_scale, max_scale).astype(scale.dtype)
+
+
+def step(config: GateConfig, history: jax.Array, count: jax.Array,
+         gate: jax.Array, scale: jax.Array, log_d: jax.Array):
+  """Score ``log_d`` and move the gate and scale; returns ``(z, gate, scale)``.
+
+  Until ``min_history`` distances exist, z is 0 and nothing changes.
+  """
+  ready = count >= config.min_history
+  z = jnp.where(ready, robust_z(history, count, log_d, config.score), 0.0)
+  new_gate = jnp.where(ready, next_gate(gate, z, config.enter_z,
+                                        config.exit_z), gate)
+  new_scale = jnp.where(ready, next_scale(
+      scale, new_gate, brake=config.brake, boost=config.boost,
+      min_scale=config.min_scale, max_scale=config.max_scale), scale)
+  return z.astype(jnp.float32), new_gate, new_scale

@@ -1,56 +1,90 @@
-"""CG-ALR as Optax gradient transformations (DESIGN.md sections 2 and 3)."""
+"""CG-ALR as Optax gradient transformations (DESIGN.md sections 2 and 3).
+
+This module only composes: :mod:`cgalr_jax.measure` turns a probe, a pool or
+a batch into a connectome summary and a distance, :mod:`cgalr_jax.gate`
+turns the distance stream into a scale, and the transform applies it.
+"""
 
 from __future__ import annotations
 
+import difflib
 import math
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from cgalr_jax.connectome import (correlation_from_stats, live_signals,
-                                  signal_stats, signals)
 from cgalr_jax import gate as gate_lib
-from cgalr_jax import topology
+from cgalr_jax import measure
+from cgalr_jax.connectome import SignalStats, correlation_from_stats
+from cgalr_jax.gate import GateConfig
 
-_DISTANCES = ("top", "wd")
-_BACKENDS = ("auto", "device", "host")
 # WD runs Vietoris-Rips persistence on the host: always under a node budget.
 DEFAULT_WD_MAX_NODES = 64
+# Measure on every DEFAULT_EVERY-th update: with the probe source and a
+# probe of 512 samples this keeps the MLP benchmarks' training time within
+# 5% (README, Performance).
+DEFAULT_EVERY = 10
+DEFAULT_RESOLUTION = 512
+# Above these node counts one measurement costs about a second on a CPU
+# (README, Performance): construction-time guidance, not a limit.
+COSTLY_TOP_NODES = 4096
+COSTLY_WD_NODES = 128
+# Extra ``update`` arguments other Optax transformations in a chain consume;
+# they reach this transform too and are ignored silently.
+KNOWN_EXTRA_ARGS = frozenset({"value", "loss", "grad", "key", "rng"})
+
+# Slots of the packed state vectors (few leaves keep non-measuring steps as
+# cheap as a plain optimizer step).
+_COUNT, _GATE, _HISTORY_COUNT, _REFERENCE_NODES, _MEASURED, _SKIPPED = range(6)
+_SCALE, _Z, _DISTANCE, _NOISE, _EVEN_DISTANCE, _ODD_DISTANCE = range(6)
 
 
 class ScaleByConnectomeState(NamedTuple):
   """State of :func:`scale_by_connectome`; every field has a fixed shape.
 
+  Scalars are packed into two vectors; read them through the properties
+  (``state.scale``, ``state.measured``...) or :func:`diagnostics`.
+
   Attributes:
-    count: int32, number of updates seen (drives ``every``).
-    scale: float32, the current multiplier, in ``[min_scale, max_scale]``.
-    gate: int32, hysteresis state: HOLD 0, BRAKE -1, BOOST +1.
-    z: float32, robust score of the last distance (0 until ``min_history``).
-    distance: float32, the last distance measured (0 before the first).
+    counters: int32 ``[6]``: updates seen, gate state (HOLD 0, BRAKE -1,
+      BOOST +1), distances in the history (once full it stays in
+      ``[window, 2 window)``), node count of the reference (0: none yet),
+      accepted measurements, skipped measurements.
+    values: float32 ``[6]``: the scale applied to the next update, the last
+      robust score z, the last distance, the last noise floor (the distance
+      between the even and odd halves of one measurement), and the last
+      consecutive distances of the even and of the odd half. The noise
+      fields stay 0 unless ``noise=True``.
     history: float32 ``[window]`` ring buffer of past log distances.
-    history_count: int32, number of distances pushed (once the buffer is
-      full it stays in ``[window, 2 window)``, wrapping by ``window``).
-    reference: float32 summary of the last accepted connectome: ``[2, K]``
-      birth/death quantiles for TOP, ``[2, K, 2]`` H0/H1 diagrams for WD.
-    reference_nodes: int32, node count P of ``reference``; 0 means none yet.
-    measured: int32, number of accepted measurements.
-    skipped: int32, number of measurements skipped (bad activations, failed
-      host step, or a change of node count).
+    reference: float32 summaries of the last accepted connectome, ``[S, 2,
+      K]`` (TOP) or ``[S, 2, K, 2]`` (WD); S is 3 with ``noise=True`` (whole
+      sample, even half, odd half), else 1.
+    pool: with ``pool=True``, the statistics pooled since the last
+      measurement (fields with a leading axis of 1 part, or 2 halves with
+      ``noise=True``); otherwise None.
   """
 
-  count: jax.Array
-  scale: jax.Array
-  gate: jax.Array
-  z: jax.Array
-  distance: jax.Array
+  counters: jax.Array
+  values: jax.Array
   history: jax.Array
-  history_count: jax.Array
   reference: jax.Array
-  reference_nodes: jax.Array
-  measured: jax.Array
-  skipped: jax.Array
+  pool: SignalStats | None = None
+
+  count = property(lambda self: self.counters[_COUNT])
+  gate = property(lambda self: self.counters[_GATE])
+  history_count = property(lambda self: self.counters[_HISTORY_COUNT])
+  reference_nodes = property(lambda self: self.counters[_REFERENCE_NODES])
+  measured = property(lambda self: self.counters[_MEASURED])
+  skipped = property(lambda self: self.counters[_SKIPPED])
+  scale = property(lambda self: self.values[_SCALE])
+  z = property(lambda self: self.values[_Z])
+  distance = property(lambda self: self.values[_DISTANCE])
+  noise = property(lambda self: self.values[_NOISE])
+  half_distances = property(
+      lambda self: self.values[_EVEN_DISTANCE:_ODD_DISTANCE + 1])
 
 
 def _require(ok: bool, name: str, allowed: str, value: Any) -> None:
@@ -59,42 +93,10 @@ def _require(ok: bool, name: str, allowed: str, value: Any) -> None:
         f"scale_by_connectome: {name} must be {allowed}, got {value!r}.")
 
 
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-  return (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value))
-
-
-def _validate(distance, window, min_history, enter_z, exit_z, boost, brake,
-              min_scale, max_scale, every, max_nodes, resolution, seed,
-              backend):
-  _require(distance in _DISTANCES, "distance", f"one of {_DISTANCES}", distance)
-  _require(_is_int(window) and window >= 2, "window", "an int >= 2", window)
-  _require(_is_int(min_history) and 1 <= min_history <= window, "min_history",
-           f"an int in [1, window={window}]", min_history)
-  _require(_is_real(enter_z) and enter_z > 0, "enter_z", "a finite float > 0",
-           enter_z)
-  _require(_is_real(exit_z) and 0 <= exit_z < enter_z, "exit_z",
-           f"a float in [0, enter_z={enter_z})", exit_z)
-  _require(_is_real(boost) and boost > 1, "boost", "a finite float > 1", boost)
-  _require(_is_real(brake) and 0 < brake < 1, "brake", "a float in (0, 1)",
-           brake)
-  _require(_is_real(min_scale) and 0 < min_scale <= 1, "min_scale",
-           "a float in (0, 1]", min_scale)
-  _require(_is_real(max_scale) and max_scale >= 1, "max_scale",
-           "a finite float >= 1", max_scale)
-  _require(_is_int(every) and every >= 1, "every", "an int >= 1", every)
-  _require(max_nodes is None or (_is_int(max_nodes) and max_nodes >= 2),
-           "max_nodes", "None or an int >= 2", max_nodes)
-  _require(_is_int(resolution) and resolution >= 1, "resolution",
-           "an int >= 1", resolution)
-  _require(_is_int(seed), "seed", "an int", seed)
-  _require(backend in _BACKENDS, "backend", f"one of {_BACKENDS}", backend)
-  _require(not (distance == "wd" and backend == "device"), "backend",
-           "'auto' or 'host' for distance='wd' (WD runs on the host)", backend)
+def _static(name: str, value: Any, default: Any) -> Any:
+  if value is None:
+    return default
+  return gate_lib.static_int("scale_by_connectome", name, value)
 
 
 def _selector(select: Any) -> Callable[[Any], Any]:
@@ -103,6 +105,10 @@ def _selector(select: Any) -> Callable[[Any], Any]:
     return lambda activations: activations
   if callable(select):
     return select
+  if not isinstance(select, (str, int, list, tuple)):
+    raise ValueError(
+        "scale_by_connectome: select must be None, a key, a sequence of keys "
+        f"or a callable, got {select!r}.")
   path = tuple(select) if isinstance(select, (list, tuple)) else (select,)
 
   def pick(activations):
@@ -120,107 +126,110 @@ def _selector(select: Any) -> Callable[[Any], Any]:
   return pick
 
 
-def resolve_backend(backend: str, distance: str,
-                    num_nodes: int | None = None) -> str:
-  """The TOP backend ``"auto"`` stands for on the current default platform.
+class _OnceWarner:
+  """Issues each distinct warning once per transformation."""
 
-  Chosen by ``python -m experiments.overhead`` (README, Performance). On an
-  idle 2-core CPU the device backend is as fast or faster up to ~384
-  signals (and clearly faster for the reference MLP at ``every=10``): a
-  ``jax.pure_callback`` costs ~0.3 ms per call and ~1 ms per step merely by
-  being in the program. From ~512 signals the host backend wins
-  (1.5-1.7x): XLA:CPU sorts ~6x slower per edge than NumPy. So on CPU
-  "auto" is the device backend unless ``num_nodes`` is known to be at least
-  512. On GPU/TPU it is the device backend, which avoids the host round
-  trip (not measured here).
+  def __init__(self):
+    self.seen: set[str] = set()
 
-  Args:
-    backend: ``"auto"``, ``"device"`` or ``"host"``.
-    distance: ``"top"`` or ``"wd"`` (WD always runs on the host).
-    num_nodes: the connectome's P when known at trace time.
-  """
-  if distance == "wd":
-    return "host"
-  if backend != "auto":
-    return backend
-  if jax.default_backend() != "cpu":
-    return "device"
-  host_min_nodes = 512
-  if num_nodes is not None and num_nodes >= host_min_nodes:
-    return "host"
-  return "device"
+  def __call__(self, message: str, stacklevel: int = 3) -> None:
+    if message not in self.seen:
+      self.seen.add(message)
+      warnings.warn(message, UserWarning, stacklevel=stacklevel + 1)
+
+
+def _source_name(probe: Any, pool: bool) -> str:
+  return "probe" if probe is not None else ("pool" if pool else "batch")
 
 
 def scale_by_connectome(
     distance: str = "top",
     *,
-    window: int = 20,
-    min_history: int = 5,
-    enter_z: float = 1.0,
-    exit_z: float = 0.25,
-    boost: float = 1.05,
-    brake: float = 0.95,
-    min_scale: float = 0.1,
-    max_scale: float = 4.0,
-    every: int = 1,
+    probe: Callable[[Any], Any] | None = None,
+    pool: bool = False,
+    noise: bool = False,
+    every: int | None = None,
+    window: int | None = None,
+    min_history: int | None = None,
+    enter_z: float = GateConfig.enter_z,
+    exit_z: float = GateConfig.exit_z,
+    boost: float = GateConfig.boost,
+    brake: float = GateConfig.brake,
+    min_scale: float = GateConfig.min_scale,
+    max_scale: float = GateConfig.max_scale,
+    score: str = GateConfig.score,
     max_nodes: int | None = None,
-    resolution: int = 512,
-    seed: int = 0,
+    resolution: int | None = None,
+    seed: int | None = None,
     backend: str = "auto",
     select: str | Sequence[Any] | Callable[[Any], Any] | None = None,
     axis_name: Any = None,
+    layout: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Scale updates by a connectome-guided, gated multiplier.
 
-  Every ``every``-th update that receives ``activations``, the network's
-  functional connectome (|Pearson| between neuron signals on the batch) is
-  compared with the previous one by a persistent-homology distance. The log
-  distance is scored against a trailing window with median/MAD; a hysteresis
-  gate then brakes the multiplier while the network reorganises (large
-  score) and boosts it while the organisation is stable (small score). The
-  multiplier stays in ``[min_scale, max_scale]``, so combined with a
-  Robbins-Monro step size the product is again Robbins-Monro.
+  Every ``every``-th update, the network's functional connectome (|Pearson|
+  between neuron signals on a set of samples) is compared with the previous
+  one by a persistent-homology distance. The log distance is scored against
+  its recent history with median/MAD; a hysteresis gate then brakes the
+  multiplier while the network reorganises (large score) and boosts it
+  while the organisation is stable (small score). The multiplier stays in
+  ``[min_scale, max_scale]``, so combined with a Robbins-Monro step size the
+  product is again Robbins-Monro.
 
-  Pass activations through the extra arguments of ``update``:
-  ``opt.update(grads, state, params, activations=acts)``. ``activations``
-  is a pytree of ``[N, P]`` dense or ``[N, ..., C]`` channels-last leaves;
-  ``None`` (the default) means no measurement on this step. Bad
-  measurements (non-finite, fewer than 2 samples or live signals, failed
-  host step) are skipped and counted; the scale is then unchanged.
+  Where the signals come from (DESIGN.md section 2) decides whether the
+  distance describes the network or the sample it was measured on:
+
+  * ``probe=fn`` (recommended): ``fn(params)`` returns the activations of
+    a fixed set of training samples in inference mode; the transform calls
+    it itself, only on measuring steps. ``update`` then needs ``params`` and
+    takes no ``activations``. Use at least ``max(256, 2 P)`` samples.
+    :func:`cgalr_jax.flax.probe` builds ``fn`` for Flax models.
+  * ``pool=True``: the ``activations=`` passed with every update are summed
+    into sufficient statistics and measured together every ``every``-th
+    update. The state holds a ``[max_nodes, max_nodes]`` matrix, so
+    ``max_nodes`` is required; the measurement acts from the next update.
+  * otherwise (batch): the ``activations=`` of the measuring update alone.
+    On mini-batches this reads sampling noise (check with ``noise=True``);
+    right for full-batch tasks in inference mode. Acts from the next update.
 
   Args:
     distance: ``"top"`` (graph filtration, fast) or ``"wd"`` (Vietoris-Rips
       Wasserstein, host only, node budget 64 unless ``max_nodes`` says).
-    window: number of past distances the robust score uses.
-    min_history: distances needed before the gate may act.
-    enter_z: score at which the gate enters BRAKE (``z >= enter_z``) or BOOST
-      (``z <= -enter_z``).
-    exit_z: score at which it returns to HOLD, ``0 <= exit_z < enter_z``.
-    boost: factor applied per measured step in BOOST, > 1.
-    brake: factor applied per measured step in BRAKE, in (0, 1).
-    min_scale: lower bound of the multiplier, in (0, 1].
-    max_scale: upper bound of the multiplier, >= 1.
-    every: measure on every ``every``-th update.
-    max_nodes: optional node budget; a fixed subset of signals drawn from
-      ``seed`` is kept at every step.
-    resolution: K, points in the fixed-size topological summary.
-    seed: seed of the node subset.
+    probe: ``fn(params) -> activations`` on fixed inputs (see above).
+    pool: pool the activations passed with updates between measurements.
+    noise: also measure the distance between the connectomes of the even
+      and odd samples (``diagnostics()["noise"]``) and each half's own
+      consecutive distance (``"half_distances"``): the sampling-noise floor.
+      Costs two more summaries per measurement and needs at least 6 samples.
+    every: measure on every ``every``-th update (default 10).
+    window: past distances the robust score reads (default 20).
+    min_history: distances needed before the gate may act (default 5).
+    enter_z, exit_z, boost, brake, min_scale, max_scale, score: the gate
+      (:class:`cgalr_jax.gate.GateConfig`, whose defaults were chosen by the
+      validation study in ``experiments/README.md``).
+    max_nodes: node budget; a fixed subset of signals drawn from ``seed`` is
+      kept at every step. Required with ``pool=True`` (the pool's size).
+    resolution: K, points in the fixed-size topological summary (512).
+    seed: seed of the node subset (0).
     backend: TOP backend, ``"device"`` (pure JAX), ``"host"`` (NumPy through
-      ``jax.pure_callback``) or ``"auto"``: the device backend on GPU/TPU,
-      and on CPU below 512 signals; the host backend on CPU from 512 signals
-      (see :func:`resolve_backend` and README, Performance).
-    select: which part of ``activations`` this transform reads: a key, a
-      sequence of keys (a path into nested dicts), or a callable mapping the
-      activations pytree to the part. Lets several instances inside
-      ``optax.multi_transform`` each follow their own layer (per-layer gates).
+      ``jax.pure_callback``) or ``"auto"`` (see
+      :func:`cgalr_jax.measure.resolve_backend`).
+    select: which part of the activations this transform reads: a key, a
+      sequence of keys, or a callable. Lets several instances inside
+      ``optax.multi_transform`` each follow their own layer.
     axis_name: the data-parallel axis under ``shard_map``/``pmap``: the
-      connectome's sufficient statistics are summed across it, host
-      persistence runs once (on the axis' first replica) and is broadcast,
-      so every replica keeps the identical scale. Not needed under ``jit``
-      with sharded arrays (GSPMD), where the reductions are already global.
+      statistics are summed across it and the host step runs once and is
+      broadcast, so every replica keeps the identical scale. Not needed
+      under ``jit`` with sharded arrays (GSPMD).
+    layout: how activation leaves are laid out: ``None`` or
+      ``"channels_last"`` (``[N, P]``, ``[N, ..., C]``),
+      ``"channels_first"`` (``[N, C, ...]``) or ``"time_major"``
+      (``[T, N, ..., C]``).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``.
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` is
+    ``update(updates, state, params=None, *, activations=None)``.
 
   References:
     He & Songdechakraiwut, "Connectome-Guided Automatic Learning Rates for
@@ -229,166 +238,342 @@ def scale_by_connectome(
   Example:
     >>> import jax, jax.numpy as jnp, optax
     >>> from cgalr_jax import scale_by_connectome
-    >>> opt = optax.chain(scale_by_connectome(), optax.sgd(0.1))
-    >>> params = {"w": jnp.ones(3)}
+    >>> x = jax.random.normal(jax.random.key(0), (256, 4))
+    >>> probe = lambda p: jnp.tanh(x @ p["w"])  # 8 hidden units on 256 inputs
+    >>> opt = optax.chain(scale_by_connectome(probe=probe), optax.sgd(0.1))
+    >>> params = {"w": jax.random.normal(jax.random.key(1), (4, 8))}
     >>> state = opt.init(params)
-    >>> acts = jax.random.normal(jax.random.key(0), (32, 16))
-    >>> updates, state = opt.update(params, state, params, activations=acts)
+    >>> updates, state = opt.update(params, state, params)
   """
-  _validate(distance, window, min_history, enter_z, exit_z, boost, brake,
-            min_scale, max_scale, every, max_nodes, resolution, seed, backend)
-  if not (select is None or callable(select) or isinstance(
-      select, (str, int, list, tuple))):
-    raise ValueError(
-        "scale_by_connectome: select must be None, a key, a sequence of keys "
-        f"or a callable, got {select!r}.")
-  pick = _selector(select)
+  gate_config = GateConfig(
+      window=_static("window", window, GateConfig.window),
+      min_history=_static("min_history", min_history, GateConfig.min_history),
+      enter_z=enter_z, exit_z=exit_z, boost=boost, brake=brake,
+      min_scale=min_scale, max_scale=max_scale, score=score)
+  resolution = _static("resolution", resolution, DEFAULT_RESOLUTION)
+  seed = _static("seed", seed, 0)
+  if max_nodes is not None:
+    max_nodes = gate_lib.static_int("scale_by_connectome", "max_nodes",
+                                    max_nodes)
+  every = DEFAULT_EVERY if every is None else every
+  every_value = gate_lib.concrete_float(every)
+  _require(distance in measure.DISTANCES, "distance",
+           f"one of {measure.DISTANCES}", distance)
+  _require(every_value is None or (every_value.is_integer() and every_value >= 1
+                                   and not isinstance(every, bool)),
+           "every", "an int >= 1", every)
+  _require(max_nodes is None or max_nodes >= 2, "max_nodes",
+           "None or an int >= 2", max_nodes)
+  _require(resolution >= 1, "resolution", "an int >= 1", resolution)
+  _require(backend in measure.BACKENDS, "backend",
+           f"one of {measure.BACKENDS}", backend)
+  _require(not (distance == "wd" and backend == "device"), "backend",
+           "'auto' or 'host' for distance='wd' (WD runs on the host)", backend)
+  _require(layout is None or layout in measure.LAYOUTS, "layout",
+           f"None or one of {measure.LAYOUTS}", layout)
+  _require(probe is None or callable(probe), "probe",
+           "None or a callable fn(params) -> activations", probe)
+  _require(isinstance(pool, bool), "pool", "a bool", pool)
+  _require(isinstance(noise, bool), "noise", "a bool", noise)
+  _require(not (pool and probe is not None), "pool",
+           "False when a probe is given (choose one source)", pool)
   if distance == "wd" and max_nodes is None:
     max_nodes = DEFAULT_WD_MAX_NODES
-  summary_shape = (2, resolution) if distance == "top" else (2, resolution, 2)
+  _require(not (pool and max_nodes is None), "max_nodes",
+           "an int with pool=True (the pool keeps a [max_nodes, max_nodes] "
+           "matrix in the optimizer state; use at most the network's number "
+           "of signals)", max_nodes)
+  pick = _selector(select)
+  source = _source_name(probe, pool)
+  num_parts = 2 if noise else 1
+  num_summaries = 3 if noise else 1
+  reference_shape = (num_summaries,) + measure.summary_shape(distance,
+                                                             resolution)
+  warn_once = _OnceWarner()
 
   def init_fn(params):
-    del params
-    zero_i = jnp.zeros((), jnp.int32)
-    zero_f = jnp.zeros((), jnp.float32)
+    if probe is not None:
+      # Fails early, with the probe's own error, if it cannot read params.
+      jax.eval_shape(lambda p: read_signals(probe(p)), params)
+    values = jnp.zeros((6,), jnp.float32).at[_SCALE].set(1.0)
     return ScaleByConnectomeState(
-        count=zero_i, scale=jnp.ones((), jnp.float32), gate=zero_i,
-        z=zero_f, distance=zero_f,
-        history=jnp.zeros((window,), jnp.float32), history_count=zero_i,
-        reference=jnp.zeros(summary_shape, jnp.float32),
-        reference_nodes=zero_i, measured=zero_i, skipped=zero_i)
+        counters=jnp.zeros((6,), jnp.int32),
+        values=values,
+        history=jnp.zeros((gate_config.window,), jnp.float32),
+        reference=jnp.zeros(reference_shape, jnp.float32),
+        pool=measure.empty_pool(num_parts, max_nodes) if pool else None)
+
+  def read_signals(activations):
+    """Activations -> ``[N, P]`` signals, with trace-time guidance."""
+    a = measure.signals(pick(activations), max_nodes=max_nodes, seed=seed,
+                        layout=layout)
+    num_samples, num_nodes = a.shape
+    if pool and num_nodes != max_nodes:
+      raise ValueError(
+          f"scale_by_connectome: pool=True with max_nodes={max_nodes} needs "
+          f"at least {max_nodes} signals, got {num_nodes}: set max_nodes <= "
+          f"{num_nodes}.")
+    costly = COSTLY_WD_NODES if distance == "wd" else COSTLY_TOP_NODES
+    if num_nodes > costly:
+      warn_once(
+          f"scale_by_connectome: {num_nodes} signals with distance="
+          f"{distance!r}: one measurement may take seconds; set max_nodes "
+          f"(<= {costly}) or a larger every.")
+    if probe is not None and num_samples < num_nodes + 1:
+      warn_once(
+          f"scale_by_connectome: the probe gives {num_samples} samples for "
+          f"{num_nodes} signals: a correlation from fewer than P + 1 samples "
+          "is rank-deficient; use at least max(256, 2 P) samples.")
+    return a
 
   def skip(state):
-    return state._replace(skipped=state.skipped + 1)
+    return state._replace(counters=state.counters.at[_SKIPPED].add(1))
 
-  def summarise(m, reference, num_nodes):
-    """``(summary, distance_to_reference, ok)`` for a connectome."""
-    chosen = resolve_backend(backend, distance, num_nodes)
-    if axis_name is not None and chosen == "host":
-      # Run the host step once per data axis, on its first replica, and
-      # broadcast it: adding zeros is exact, so every replica agrees bitwise.
-      lead = jax.lax.axis_index(axis_name) == 0
-      shapes = jax.eval_shape(lambda: summarise_here(m, reference, num_nodes,
-                                                     chosen))
-      out = jax.lax.cond(
-          lead, lambda: summarise_here(m, reference, num_nodes, chosen),
-          lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes))
-      summary, dist, ok = jax.lax.psum(
-          (out[0], out[1], out[2].astype(jnp.int32)), axis_name)
-      return summary, dist, ok > 0
-    return summarise_here(m, reference, num_nodes, chosen)
-
-  def summarise_here(m, reference, num_nodes, chosen):
-    if distance == "wd":
-      return topology.wd_measure_via_host(m, reference, resolution)
-    if chosen == "device":
-      summary, ok = topology.top_summary_device(m, resolution), jnp.array(True)
-    else:
-      summary, ok = topology.top_summary_via_host(m, resolution)
-    return (summary, topology.top_summary_distance(reference, summary,
-                                                   num_nodes), ok)
-
-  def accept(state, summary, dist, num_nodes):
+  def accept(state, summaries, dist, noise_values, num_nodes):
     """Fold an accepted measurement into the state (DESIGN.md 2)."""
     has_ref = state.reference_nodes == num_nodes
     first = state.reference_nodes == 0
+    c, v = state.counters, state.values
     log_d = gate_lib.log_distance(dist)
-    ready = has_ref & (state.history_count >= min_history)
-    z = jnp.where(ready, gate_lib.robust_z(state.history, state.history_count,
-                                           log_d), 0.0)
-    new_gate = jnp.where(ready, gate_lib.next_gate(state.gate, z, enter_z,
-                                                   exit_z), state.gate)
-    new_scale = jnp.where(ready, gate_lib.next_scale(
-        state.scale, new_gate, brake=brake, boost=boost,
-        min_scale=min_scale, max_scale=max_scale), state.scale)
+    z, new_gate, new_scale = gate_lib.step(
+        gate_config, state.history, state.history_count, state.gate,
+        state.scale, log_d)
     pushed, pushed_count = gate_lib.push(state.history, state.history_count,
                                          log_d)
+    keep = lambda new, old: jnp.where(has_ref, new, old)  # noqa: E731
+    counters = jnp.stack([
+        c[_COUNT], keep(new_gate, c[_GATE]),
+        keep(pushed_count, c[_HISTORY_COUNT]), num_nodes,
+        c[_MEASURED] + jnp.where(has_ref | first, 1, 0),
+        c[_SKIPPED] + jnp.where(has_ref | first, 0, 1)]).astype(jnp.int32)
+    values = jnp.concatenate([
+        jnp.stack([keep(new_scale, v[_SCALE]), keep(z, v[_Z]),
+                   keep(dist, v[_DISTANCE])]),
+        jnp.where(has_ref, noise_values, v[_NOISE:])]).astype(jnp.float32)
     return state._replace(
-        scale=new_scale, gate=new_gate,
-        z=jnp.where(has_ref, z, state.z),
-        distance=jnp.where(has_ref, dist, state.distance).astype(jnp.float32),
-        history=jnp.where(has_ref, pushed, state.history),
-        history_count=jnp.where(has_ref, pushed_count, state.history_count),
-        reference=summary,
-        reference_nodes=jnp.asarray(num_nodes, jnp.int32),
-        measured=state.measured + jnp.where(has_ref | first, 1, 0),
-        skipped=state.skipped + jnp.where(has_ref | first, 0, 1))
+        counters=counters, values=values,
+        history=keep(pushed, state.history), reference=summaries)
 
-  def measure(state, activations):
-    a = signals(pick(activations), max_nodes=max_nodes, seed=seed)
-    num_samples, num_nodes = a.shape
-    if num_nodes < 2 or (axis_name is None and num_samples < 2):
-      return skip(state)
-    stats = signal_stats(a, axis_name=axis_name)
-    valid = ((stats.n >= 2) & jnp.all(jnp.isfinite(stats.gram))
-             & jnp.all(jnp.isfinite(stats.shift))
-             & (jnp.sum(live_signals(stats)) >= 2))
+  def measure_stats(state, stats):
+    """Measure split statistics (leading parts axis) and update the state."""
+    whole = measure.merge_parts(stats)
+    num_nodes = whole.total.shape[-1]
+    parts = [whole]
+    if noise:
+      parts += [measure.part(stats, 0), measure.part(stats, 1)]
+    ok = jnp.all(jnp.stack([measure.usable(s) for s in parts]))
 
-    def from_valid_stats(state):
-      m = correlation_from_stats(stats)
-      summary, dist, ok = summarise(m, state.reference, num_nodes)
-      ok = ok & jnp.all(jnp.isfinite(summary)) & jnp.isfinite(dist)
-      return jax.lax.cond(ok, lambda s: accept(s, summary, dist, num_nodes),
-                          skip, state)
+    def from_usable(state):
+      mats = [correlation_from_stats(s) for s in parts]
+      outs = [measure.summarise(m, state.reference[i], distance=distance,
+                                resolution=resolution, backend=backend)
+              for i, m in enumerate(mats)]
+      summaries = jnp.stack([o[0] for o in outs])
+      dists = jnp.stack([o[1] for o in outs])
+      good = jnp.all(jnp.stack([o[2] for o in outs]))
+      if noise:
+        floor, floor_ok = measure.summary_distance(
+            summaries[1], summaries[2], mats[2], distance=distance,
+            num_nodes=num_nodes, resolution=resolution)
+        noise_values = jnp.stack([floor, dists[1], dists[2]])
+        good = good & floor_ok
+      else:
+        noise_values = jnp.zeros((3,), jnp.float32)
+      good = (good & jnp.all(jnp.isfinite(summaries))
+              & jnp.all(jnp.isfinite(dists)) & jnp.all(jnp.isfinite(
+                  noise_values)))
+      return jax.lax.cond(
+          good, lambda s: accept(s, summaries, dists[0], noise_values,
+                             num_nodes), skip,
+          state)
 
-    return jax.lax.cond(valid, from_valid_stats, skip, state)
+    return jax.lax.cond(ok, from_usable, skip, state)
+
+  def measure_signals(state, a):
+    return measure_stats(state, measure.split_stats(
+        a, halves=noise, axis_name=axis_name))
+
+  def measure_pool(state):
+    state = measure_stats(state, state.pool)
+    return state._replace(pool=measure.empty_pool(num_parts, max_nodes))
 
   # Jitted so that eager (un-jitted) training loops compile the measurement
-  # once instead of retracing its branches on every call; inside an outer
-  # jit, vmap, scan or shard_map it simply inlines.
+  # once; inside an outer jit, vmap, scan or shard_map it simply inlines.
   @jax.jit
-  def scaled_update(updates, state, activations):
-    if activations is not None:
-      due = state.count % every == 0
-      state = jax.lax.cond(due, lambda s: measure(s, activations),
-                           lambda s: s, state)
-    state = state._replace(count=optax.safe_increment(state.count))
-    scale = state.scale
+  def scaled_update(updates, state, params, activations):
+    count = state.count
+    due = (count + 1) % jnp.asarray(every, count.dtype) == 0
+    applied = state.scale  # pool and batch act from the next update (Lag)
+    if probe is not None:
+      state = jax.lax.cond(
+          due, lambda s: measure_signals(s, read_signals(probe(params))),
+          lambda s: s, state)
+      applied = state.scale  # a probe reads only params: it may act now
+    elif pool:
+      if activations is not None:
+        state = state._replace(pool=measure.pool_add(
+            state.pool, read_signals(activations), axis_name=axis_name))
+      state = jax.lax.cond(due, measure_pool, lambda s: s, state)
+    elif activations is not None:
+      state = jax.lax.cond(
+          due, lambda s: measure_signals(s, read_signals(activations)),
+          lambda s: s, state)
+    else:
+      state = jax.lax.cond(due, skip, lambda s: s, state)
+    state = state._replace(counters=state.counters.at[_COUNT].set(
+        optax.safe_increment(count)))
     updates = jax.tree.map(
-        lambda u: None if u is None else u * scale.astype(u.dtype), updates)
+        lambda u: None if u is None else u * applied.astype(u.dtype), updates)
     return updates, state
+
+  def check_state(state):
+    """Static shape checks: a state restored from another configuration."""
+    if not isinstance(state, ScaleByConnectomeState):
+      raise TypeError(
+          "scale_by_connectome: expected a ScaleByConnectomeState, got "
+          f"{type(state).__name__}.")
+    if state.history.shape != (gate_config.window,):
+      raise ValueError(
+          f"scale_by_connectome: the state's history holds "
+          f"{state.history.shape[0]} distances but window="
+          f"{gate_config.window}: the state comes from another configuration "
+          "(restore it into an optimizer built with the same window).")
+    if state.reference.shape != reference_shape:
+      raise ValueError(
+          f"scale_by_connectome: the state's reference has shape "
+          f"{state.reference.shape}, this configuration (distance="
+          f"{distance!r}, resolution={resolution}, noise={noise}) needs "
+          f"{reference_shape}: restore into the same configuration.")
+    has_pool = state.pool is not None
+    if has_pool != pool:
+      raise ValueError(
+          f"scale_by_connectome: the state was built for the "
+          f"{'pool' if has_pool else 'probe or batch'} source, this "
+          f"optimizer uses the {source} source.")
+    if pool and state.pool.gram.shape != (num_parts, max_nodes, max_nodes):
+      raise ValueError(
+          f"scale_by_connectome: the state's pool has "
+          f"{state.pool.gram.shape[-1]} nodes and noise halves "
+          f"{state.pool.gram.shape[0] == 2}; this optimizer has max_nodes="
+          f"{max_nodes}, noise={noise}.")
+
+  def check_extra(extra_args):
+    for name in extra_args:
+      if name in KNOWN_EXTRA_ARGS:
+        continue
+      if difflib.get_close_matches(name, ["activations"], n=1, cutoff=0.7):
+        raise TypeError(
+            f"scale_by_connectome: update() got {name!r}; did you mean "
+            "'activations'?")
+      warn_once(
+          f"scale_by_connectome: update() ignores the extra argument "
+          f"{name!r} (it takes params and activations=).")
 
   def update_fn(updates, state, params=None, *, activations=None,
                 **extra_args):
-    del params, extra_args
-    return scaled_update(updates, state, activations)
+    check_extra(extra_args)
+    check_state(state)
+    if probe is not None:
+      if activations is not None:
+        raise TypeError(
+            "scale_by_connectome: this transform reads its signals from its "
+            "probe; do not pass activations= to update (or build it "
+            "without probe= to measure the activations you pass).")
+      if params is None:
+        raise TypeError(
+            "scale_by_connectome: with a probe, update needs params "
+            "(opt.update(grads, state, params)): the probe reads them.")
+    elif activations is None:
+      warn_once(
+          f"scale_by_connectome: update() without activations and no probe: "
+          f"the {source} source has nothing to measure, so every measuring "
+          "step is a counted skip (diagnostics()['skipped']) and the scale "
+          "stays put. Build it with probe=fn(params) -> activations.")
+    return scaled_update(updates, state, params if probe is not None else None,
+                         activations)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def cgalr(learning_rate: optax.ScalarOrSchedule, *, momentum: float | None = 0.9,
-          nesterov: bool = False,
-          **connectome_kwargs) -> optax.GradientTransformationExtraArgs:
+def cgalr(
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: float | None = 0.9,
+    nesterov: bool = False,
+    accumulator_dtype: Any | None = None,
+    *,
+    distance: str = "top",
+    probe: Callable[[Any], Any] | None = None,
+    pool: bool = False,
+    noise: bool = False,
+    every: int | None = None,
+    window: int | None = None,
+    min_history: int | None = None,
+    enter_z: float = GateConfig.enter_z,
+    exit_z: float = GateConfig.exit_z,
+    boost: float = GateConfig.boost,
+    brake: float = GateConfig.brake,
+    min_scale: float = GateConfig.min_scale,
+    max_scale: float = GateConfig.max_scale,
+    score: str = GateConfig.score,
+    max_nodes: int | None = None,
+    resolution: int | None = None,
+    seed: int | None = None,
+    backend: str = "auto",
+    select: str | Sequence[Any] | Callable[[Any], Any] | None = None,
+    axis_name: Any = None,
+    layout: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
   """SGD with momentum whose step is scaled by CG-ALR.
 
   ``chain(trace(momentum), scale_by_connectome(...),
-  scale_by_learning_rate(learning_rate))``. Use
+  scale_by_learning_rate(learning_rate))``, with ``optax.sgd``'s positional
+  order (``learning_rate, momentum, nesterov, accumulator_dtype``). Use
   :func:`cgalr_jax.robbins_monro` as ``learning_rate`` for the envelope the
   convergence guarantee needs.
 
+  Works under ``optax.inject_hyperparams``: the learning rate, momentum and
+  the gate's float settings (``enter_z``, ``exit_z``, ``boost``, ``brake``,
+  ``min_scale``, ``max_scale``, ``every``) may be injected. Callables other
+  than the learning rate (``probe``, ``select``) must be named in
+  ``static_args``, and sizes (``window``, ``min_history``, ``resolution``,
+  ``max_nodes``, ``seed``) must either keep their ``None`` default or be
+  named there too.
+
   Args:
     learning_rate: float or ``optax.Schedule``.
-    momentum: momentum decay in [0, 1); 0 or None disables momentum.
+    momentum: momentum decay in [0, 1); None disables momentum.
     nesterov: use Nesterov momentum.
-    **connectome_kwargs: passed to :func:`scale_by_connectome`.
+    accumulator_dtype: dtype of the momentum accumulator (default: the
+      params' dtype).
+    distance, probe, pool, noise, every, window, min_history, enter_z,
+      exit_z, boost, brake, min_scale, max_scale, score, max_nodes,
+      resolution, seed, backend, select, axis_name, layout: see
+      :func:`scale_by_connectome`.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``; pass ``activations=`` to
-    its ``update``.
+    An ``optax.GradientTransformationExtraArgs``.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp
     >>> from cgalr_jax import cgalr, robbins_monro
-    >>> opt = cgalr(robbins_monro(0.1))
-    >>> state = opt.init({"w": jnp.zeros(3)})
+    >>> x = jax.random.normal(jax.random.key(0), (256, 4))
+    >>> opt = cgalr(robbins_monro(0.1), probe=lambda p: jnp.tanh(x @ p["w"]))
+    >>> state = opt.init({"w": jnp.ones((4, 8))})
   """
-  if momentum is not None and not (
-      isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+  m = gate_lib.concrete_float(momentum) if momentum is not None else None
+  if momentum is not None and m is not None and not (
+      math.isfinite(m) and 0 <= m < 1) or isinstance(momentum, bool):
     raise ValueError(f"cgalr: momentum must be in [0, 1), got {momentum!r}.")
   parts = []
-  if momentum:
-    parts.append(optax.trace(decay=momentum, nesterov=nesterov))
-  parts.append(scale_by_connectome(**connectome_kwargs))
+  if momentum is not None:
+    parts.append(optax.trace(decay=momentum, nesterov=nesterov,
+                             accumulator_dtype=accumulator_dtype))
+  parts.append(scale_by_connectome(
+      distance, probe=probe, pool=pool, noise=noise, every=every,
+      window=window, min_history=min_history, enter_z=enter_z, exit_z=exit_z,
+      boost=boost, brake=brake, min_scale=min_scale, max_scale=max_scale,
+      score=score, max_nodes=max_nodes, resolution=resolution, seed=seed,
+      backend=backend, select=select, axis_name=axis_name, layout=layout))
   parts.append(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(*parts)
 
@@ -400,16 +585,25 @@ def find_states(opt_state: Any) -> list[ScaleByConnectomeState]:
           if is_state(x)]
 
 
-_DIAGNOSTIC_FIELDS = ("distance", "z", "gate", "scale", "measured", "skipped")
+DIAGNOSTIC_FIELDS = ("distance", "z", "gate", "scale", "measured", "skipped",
+                     "noise", "half_distances")
 
 
 def diagnostics(opt_state: Any) -> dict[str, jax.Array]:
-  """Read CG-ALR's distance, z, gate, scale, measured and skipped counts.
+  """Read CG-ALR's distance, z, gate, scale, counts and noise floor.
 
   Finds the connectome state anywhere inside ``opt_state`` (a chain, a
   ``multi_transform``, an ``inject_hyperparams`` wrapper...). With several
   CG-ALR transforms (per-layer gates) each value is stacked along a new
   leading axis in tree order. Works inside ``jit``.
+
+  Returns:
+    A dict with ``distance`` (last distance), ``z``, ``gate`` (HOLD 0, BRAKE
+    -1, BOOST +1), ``scale`` (applied to the next update), ``measured`` and
+    ``skipped`` (counts), ``noise`` (distance between the even and odd
+    halves of the last measurement) and ``half_distances`` (``[2]``: each
+    half's distance to its previous measurement). The noise fields are 0
+    unless the transform was built with ``noise=True``.
 
   Raises:
     ValueError: if ``opt_state`` holds no CG-ALR state.
@@ -418,6 +612,6 @@ def diagnostics(opt_state: Any) -> dict[str, jax.Array]:
   if not states:
     raise ValueError("diagnostics: no scale_by_connectome state in opt_state.")
   if len(states) == 1:
-    return {k: getattr(states[0], k) for k in _DIAGNOSTIC_FIELDS}
+    return {k: getattr(states[0], k) for k in DIAGNOSTIC_FIELDS}
   return {k: jnp.stack([getattr(s, k) for s in states])
-          for k in _DIAGNOSTIC_FIELDS}
+          for k in DIAGNOSTIC_FIELDS}

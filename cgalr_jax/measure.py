@@ -1,0 +1,331 @@
+"""Where the signals come from, and how a connectome becomes a summary.
+
+DESIGN.md section 2 ("Where the signals come from", "Signals", "Noise
+floor", "Device and host"). This module owns the measurement pipeline up to
+the distance: an activations pytree (from a probe, a pool or a batch) is
+read according to its ``layout``, restricted to a fixed node budget, reduced
+to sufficient statistics (for the whole sample and, for the noise floor, its
+even and odd rows), turned into a connectome and then into a fixed-size
+topological summary by the chosen backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cgalr_jax import topology
+from cgalr_jax.connectome import (SignalStats, correlation_from_stats,
+                                  live_signals)
+
+LAYOUTS = ("channels_last", "channels_first", "time_major")
+DISTANCES = ("top", "wd")
+BACKENDS = ("auto", "device", "host")
+# Samples a measurement needs so that correlations carry more than float
+# rounding: with two samples every |rho| is exactly 1 (DESIGN.md section 2).
+MIN_SAMPLES = 3
+
+
+def _check_layout(layout: str | None) -> str:
+  layout = "channels_last" if layout is None else layout
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout must be None or one of {LAYOUTS}, got {layout!r}.")
+  return layout
+
+
+def _check_leaf(leaf: Any) -> jax.Array:
+  leaf = jnp.asarray(leaf)
+  if leaf.ndim == 0:
+    raise ValueError(
+        "activations: every leaf needs a leading sample axis; got a scalar.")
+  if not (jnp.issubdtype(leaf.dtype, jnp.floating)
+          or jnp.issubdtype(leaf.dtype, jnp.integer)
+          or leaf.dtype == jnp.bool_):
+    raise TypeError(
+        f"activations: leaves must be real numbers, got dtype {leaf.dtype}.")
+  return leaf
+
+
+def leaf_signals(leaf: Any, layout: str | None = None) -> jax.Array:
+  """One leaf -> float32 ``[N, C]`` signals.
+
+  ``layout`` says where the samples and the signals are:
+
+  * ``"channels_last"`` (default): ``[N]`` one signal, ``[N, P]`` dense,
+    ``[N, ..., C]`` C channels, each the mean over the middle axes.
+  * ``"channels_first"``: ``[N, C, ...]``, each channel the mean over the
+    trailing axes (PyTorch-style NCHW, or ``[N, C, L]`` sequences).
+  * ``"time_major"``: ``[T, N, ..., C]``, each signal the mean over time
+    (and any middle axes), samples along the second axis.
+  """
+  layout = _check_layout(layout)
+  leaf = _check_leaf(leaf).astype(jnp.float32)
+  if layout == "time_major":
+    if leaf.ndim < 2:
+      raise ValueError(
+          "activations: layout='time_major' needs leaves of shape "
+          f"[T, N, ...], got {leaf.shape}.")
+    leaf = jnp.swapaxes(leaf, 0, 1)
+  elif layout == "channels_first" and leaf.ndim > 2:
+    return jnp.mean(leaf, axis=tuple(range(2, leaf.ndim)))
+  if leaf.ndim == 1:
+    return leaf[:, None]
+  if leaf.ndim == 2:
+    return leaf
+  return jnp.mean(leaf, axis=tuple(range(1, leaf.ndim - 1)))
+
+
+def num_signals(activations: Any, layout: str | None = None) -> int:
+  """Number of signals ``P`` the activations pytree holds (static)."""
+  return sum(jax.eval_shape(lambda x: leaf_signals(x, layout), leaf).shape[1]
+             for leaf in jax.tree.leaves(activations))
+
+
+def node_subset(total: int, max_nodes: int | None, seed: int) -> np.ndarray | None:
+  """The fixed signal indices kept under a node budget, or None for all.
+
+  Drawn once from ``seed`` with NumPy at trace time, so every step of a run
+  (and every replica) keeps the same signals and consecutive connectomes stay
+  comparable.
+  """
+  if max_nodes is None or total <= max_nodes:
+    return None
+  rng = np.random.default_rng(seed)
+  return np.sort(rng.choice(total, size=max_nodes, replace=False))
+
+
+def signals(activations: Any, *, max_nodes: int | None = None, seed: int = 0,
+            layout: str | None = None) -> jax.Array:
+  """Concatenate an activations pytree to a float32 ``[N, P]`` signal matrix.
+
+  Leaves are read by :func:`leaf_signals` and taken in ``jax.tree.leaves``
+  order.
+
+  Args:
+    activations: pytree of arrays sharing the sample axis.
+    max_nodes: optional budget; keeps a fixed subset of that many signals.
+    seed: seed of the subset draw.
+    layout: see :func:`leaf_signals`.
+
+  Returns:
+    float32 array of shape ``[N, P]`` (``P <= max_nodes`` when given).
+  """
+  leaves = jax.tree.leaves(activations)
+  if not leaves:
+    raise ValueError("activations: the pytree has no leaves.")
+  parts = [leaf_signals(leaf, layout) for leaf in leaves]
+  sizes = {part.shape[0] for part in parts}
+  if len(sizes) != 1:
+    raise ValueError(
+        "activations: all leaves must share the sample axis; got sample "
+        f"counts {sorted(sizes)}.")
+  a = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+  a = jax.lax.stop_gradient(a)
+  keep = node_subset(a.shape[1], max_nodes, seed)
+  if keep is not None:
+    a = a[:, keep]
+  return a
+
+
+# ----------------------------------------------------------------------------
+# Sufficient statistics, split into halves for the noise floor.
+
+
+def _gram(centred: jax.Array) -> jax.Array:
+  # An Explicit-sharding mesh needs the output sharding of a product whose
+  # contracting axis is sharded; the statistics are replicated.
+  kwargs = {}
+  aval = jax.typeof(centred)
+  sharding = getattr(aval, "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is not None and not getattr(mesh, "empty", True) and any(
+      t == jax.sharding.AxisType.Explicit for t in
+      getattr(mesh, "axis_types", ())):
+    kwargs["out_sharding"] = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec())
+  return jnp.matmul(centred.T, centred, precision=jax.lax.Precision.HIGHEST,
+                    **kwargs)
+
+
+def split_stats(a: jax.Array, shift: jax.Array | None = None, *,
+                halves: bool = False, axis_name: Any = None) -> SignalStats:
+  """Sufficient statistics of ``[N, P]`` signals, with a leading parts axis.
+
+  Args:
+    a: signals.
+    shift: common per-signal offset; any value gives the same correlations,
+      the default (the sample mean) keeps float32 accurate.
+    halves: if True the parts are the even and odd rows (2 parts, whose sum
+      is the whole sample); otherwise one part, the whole sample.
+    axis_name: in ``shard_map``/``pmap`` data parallelism, the data axis the
+      statistics are summed across (one ``psum``), so every replica
+      describes the global sample.
+
+  Returns:
+    :class:`SignalStats` whose fields have a leading axis of 1 or 2 parts.
+  """
+  a = a.astype(jnp.float32)
+  if shift is None:
+    shift = jnp.mean(a, axis=0)
+    if axis_name is not None:
+      # Every shard must use the same shift for the sums to add up.
+      shift = jax.lax.pmean(shift, axis_name)
+  parts = [a[0::2], a[1::2]] if halves else [a]
+  n, total, gram = [], [], []
+  for part in parts:
+    centred = part - shift
+    n.append(jnp.asarray(part.shape[0], jnp.float32))
+    total.append(jnp.sum(centred, axis=0))
+    gram.append(_gram(centred))
+  n, total, gram = jnp.stack(n), jnp.stack(total), jnp.stack(gram)
+  if axis_name is not None:
+    n, total, gram = jax.lax.psum((n, total, gram), axis_name)
+  shift = jnp.broadcast_to(shift, total.shape)
+  return SignalStats(n=n, shift=shift, total=total, gram=gram)
+
+
+def empty_pool(num_parts: int, num_nodes: int) -> SignalStats:
+  """Pooled statistics with no samples yet (separate buffers per field)."""
+  return SignalStats(
+      n=jnp.zeros((num_parts,), jnp.float32),
+      shift=jnp.zeros((num_parts, num_nodes), jnp.float32),
+      total=jnp.zeros((num_parts, num_nodes), jnp.float32),
+      gram=jnp.zeros((num_parts, num_nodes, num_nodes), jnp.float32))
+
+
+def pool_add(pool: SignalStats, a: jax.Array, *, axis_name: Any = None
+             ) -> SignalStats:
+  """Add a batch of signals to pooled statistics.
+
+  The pool keeps the shift of the first batch it received, so all its
+  chunks are centred the same way and simply add up.
+  """
+  fresh = pool.n[0] == 0
+  batch_mean = jnp.mean(a.astype(jnp.float32), axis=0)
+  if axis_name is not None:
+    batch_mean = jax.lax.pmean(batch_mean, axis_name)
+  shift = jnp.where(fresh, batch_mean, pool.shift[0])
+  new = split_stats(a, shift, halves=pool.n.shape[0] == 2,
+                    axis_name=axis_name)
+  return SignalStats(n=pool.n + new.n, shift=new.shift,
+                     total=pool.total + new.total, gram=pool.gram + new.gram)
+
+
+def merge_parts(stats: SignalStats) -> SignalStats:
+  """The whole sample's statistics from its parts (same shift)."""
+  return SignalStats(n=jnp.sum(stats.n), shift=stats.shift[0],
+                     total=jnp.sum(stats.total, axis=0),
+                     gram=jnp.sum(stats.gram, axis=0))
+
+
+def part(stats: SignalStats, index: int) -> SignalStats:
+  """One part of split statistics."""
+  return jax.tree.map(lambda x: x[index], stats)
+
+
+def usable(stats: SignalStats) -> jax.Array:
+  """Whether statistics can give a meaningful connectome (DESIGN.md 2).
+
+  Needs finite sums, at least :data:`MIN_SAMPLES` samples and two live
+  (non-constant) signals.
+  """
+  return ((stats.n >= MIN_SAMPLES) & jnp.all(jnp.isfinite(stats.gram))
+          & jnp.all(jnp.isfinite(stats.total))
+          & jnp.all(jnp.isfinite(stats.shift))
+          & (jnp.sum(live_signals(stats)) >= 2))
+
+
+# ----------------------------------------------------------------------------
+# Backend policy and summaries.
+
+# On CPU the device (XLA) backend wins below this many signals and the host
+# backend (NumPy through a callback) from it; measured by
+# ``python -m experiments.overhead`` (README, Performance).
+HOST_MIN_NODES_ON_CPU = 512
+
+
+def resolve_backend(backend: str, distance: str,
+                    num_nodes: int | None = None) -> str:
+  """The backend ``"auto"`` stands for on the current default platform.
+
+  WD always runs on the host. For TOP on GPU/TPU it is the device backend,
+  which avoids a host round trip; on CPU the faster of the two for the
+  given node count (README, Performance, says how the crossover was found).
+
+  Args:
+    backend: ``"auto"``, ``"device"`` or ``"host"``.
+    distance: ``"top"`` or ``"wd"``.
+    num_nodes: the connectome's P when known at trace time.
+  """
+  if distance == "wd":
+    return "host"
+  if backend != "auto":
+    return backend
+  if jax.default_backend() != "cpu":
+    return "device"
+  if num_nodes is not None and num_nodes >= HOST_MIN_NODES_ON_CPU:
+    return "host"
+  return "device"
+
+
+def summary_shape(distance: str, resolution: int) -> tuple[int, ...]:
+  """Shape of one fixed-size summary: ``[2, K]`` (TOP), ``[2, K, 2]`` (WD)."""
+  return (2, resolution) if distance == "top" else (2, resolution, 2)
+
+
+def summarise(m: jax.Array, reference: jax.Array, *, distance: str,
+              resolution: int, backend: str):
+  """``(summary, distance_to_reference, ok)`` for a connectome ``m``."""
+  num_nodes = m.shape[0]
+  if distance == "wd":
+    return topology.wd_measure_via_host(m, reference, resolution)
+  if resolve_backend(backend, distance, num_nodes) == "device":
+    summary, ok = topology.top_summary_device(m, resolution), jnp.array(True)
+  else:
+    summary, ok = topology.top_summary_via_host(m, resolution)
+  return (summary, topology.top_summary_distance(reference, summary,
+                                                 num_nodes), ok)
+
+
+def summary_distance(a: jax.Array, b: jax.Array, m_b: jax.Array, *,
+                     distance: str, num_nodes: int, resolution: int):
+  """Distance between two summaries ``a`` and ``b`` (``b`` of matrix ``m_b``).
+
+  TOP compares the summaries on the device. WD's diagram matching runs on
+  the host, which recomputes ``b``'s diagrams from ``m_b``.
+  """
+  if distance == "wd":
+    _, dist, ok = topology.wd_measure_via_host(m_b, a, resolution)
+    return dist, ok
+  return topology.top_summary_distance(a, b, num_nodes), jnp.array(True)
+
+
+def connectome(activations: Any, *, max_nodes: int | None = None,
+               seed: int = 0, layout: str | None = None) -> jax.Array:
+  """The functional connectome of a set of activations.
+
+  Reads the signals (DESIGN.md section 2), their sufficient statistics and
+  the absolute Pearson correlation matrix. Works under ``jit``.
+
+  Args:
+    activations: pytree of arrays sharing the sample axis (see ``layout``).
+    max_nodes: optional node budget (fixed subset drawn from ``seed``).
+    seed: seed of the subset draw.
+    layout: ``None``/``"channels_last"``, ``"channels_first"`` or
+      ``"time_major"`` (see :func:`leaf_signals`).
+
+  Returns:
+    float32 ``[P, P]`` matrix in [0, 1] with zero diagonal.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from cgalr_jax import connectome
+    >>> acts = jax.random.normal(jax.random.key(0), (64, 8))
+    >>> connectome(acts).shape
+    (8, 8)
+  """
+  a = signals(activations, max_nodes=max_nodes, seed=seed, layout=layout)
+  return correlation_from_stats(merge_parts(split_stats(a)))
