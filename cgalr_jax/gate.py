@@ -40,6 +40,8 @@ def concrete_float(value: Any) -> float | None:
   """``float(value)`` for a concrete scalar, ``None`` for a tracer."""
   if not is_concrete(value):
     return None
+  if isinstance(value, (str, bytes, bool)) or value is None:
+    return math.nan
   try:
     return float(value)
   except (TypeError, ValueError):

@@ -73,18 +73,18 @@ class ScaleByConnectomeState(NamedTuple):
   reference: jax.Array
   pool: SignalStats | None = None
 
-  count = property(lambda self: self.counters[_COUNT])
-  gate = property(lambda self: self.counters[_GATE])
-  history_count = property(lambda self: self.counters[_HISTORY_COUNT])
-  reference_nodes = property(lambda self: self.counters[_REFERENCE_NODES])
-  measured = property(lambda self: self.counters[_MEASURED])
-  skipped = property(lambda self: self.counters[_SKIPPED])
-  scale = property(lambda self: self.values[_SCALE])
-  z = property(lambda self: self.values[_Z])
-  distance = property(lambda self: self.values[_DISTANCE])
-  noise = property(lambda self: self.values[_NOISE])
-  half_distances = property(
-      lambda self: self.values[_EVEN_DISTANCE:_ODD_DISTANCE + 1])
+  count = property(lambda self: self.counters[..., _COUNT])
+  gate = property(lambda self: self.counters[..., _GATE])
+  history_count = property(lambda self: self.counters[..., _HISTORY_COUNT])
+  reference_nodes = property(lambda self: self.counters[..., _REFERENCE_NODES])
+  measured = property(lambda self: self.counters[..., _MEASURED])
+  skipped = property(lambda self: self.counters[..., _SKIPPED])
+  scale = property(lambda self: self.values[..., _SCALE])
+  z = property(lambda self: self.values[..., _Z])
+  distance = property(lambda self: self.values[..., _DISTANCE])
+  noise = property(lambda self: self.values[..., _NOISE])
+  even_distance = property(lambda self: self.values[..., _EVEN_DISTANCE])
+  odd_distance = property(lambda self: self.values[..., _ODD_DISTANCE])
 
 
 def _require(ok: bool, name: str, allowed: str, value: Any) -> None:
@@ -200,7 +200,8 @@ def scale_by_connectome(
     pool: pool the activations passed with updates between measurements.
     noise: also measure the distance between the connectomes of the even
       and odd samples (``diagnostics()["noise"]``) and each half's own
-      consecutive distance (``"half_distances"``): the sampling-noise floor.
+      consecutive distance (``"even_distance"``, ``"odd_distance"``): the
+      sampling-noise floor and its health check.
       Costs two more summaries per measurement and needs at least 6 samples.
     every: measure on every ``every``-th update (default 10).
     window: past distances the robust score reads (default 20).
@@ -586,7 +587,7 @@ def find_states(opt_state: Any) -> list[ScaleByConnectomeState]:
 
 
 DIAGNOSTIC_FIELDS = ("distance", "z", "gate", "scale", "measured", "skipped",
-                     "noise", "half_distances")
+                     "noise", "even_distance", "odd_distance")
 
 
 def diagnostics(opt_state: Any) -> dict[str, jax.Array]:
@@ -601,9 +602,10 @@ def diagnostics(opt_state: Any) -> dict[str, jax.Array]:
     A dict with ``distance`` (last distance), ``z``, ``gate`` (HOLD 0, BRAKE
     -1, BOOST +1), ``scale`` (applied to the next update), ``measured`` and
     ``skipped`` (counts), ``noise`` (distance between the even and odd
-    halves of the last measurement) and ``half_distances`` (``[2]``: each
-    half's distance to its previous measurement). The noise fields are 0
-    unless the transform was built with ``noise=True``.
+    halves of the last measurement), ``even_distance`` and
+    ``odd_distance`` (each half's distance to the same half of the previous
+    measurement). The noise fields are 0 unless the transform was built with
+    ``noise=True``. Every value is a scalar per CG-ALR transform.
 
   Raises:
     ValueError: if ``opt_state`` holds no CG-ALR state.

@@ -5,7 +5,10 @@ the whole method (|corrcoef| connectome, exact TOP from scipy's spanning tree,
 median/MAD z on log distances, the hysteresis table, the clipped scale). With
 P = 5 nodes and K = 12 summary points (a multiple of both set sizes, 4 and 6)
 the K-point summary distance is the exact TOP distance, so every field of the
-state can be checked step by step.
+state can be checked step by step. The reference scores the log distances
+either against the window's median (``trailing``) or against a Theil-Sen
+line through them, computed here by brute force over all pairs
+(``detrended``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import collections
 import inspect
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -25,11 +29,12 @@ import cgalr_jax
 from cgalr_jax import (BOOST, BRAKE, HOLD, ScaleByConnectomeState, cgalr,
                        diagnostics, scale_by_connectome, wd_distance)
 from cgalr_jax import topology
-from cgalr_jax.connectome import node_subset
+from cgalr_jax.measure import node_subset
 
 N, P, K = 16, 5, 12
 CONFIG = dict(window=4, min_history=2, enter_z=0.8, exit_z=0.2, boost=1.3,
-              brake=0.7, min_scale=0.4, max_scale=2.0, resolution=K)
+              brake=0.7, min_scale=0.4, max_scale=2.0, resolution=K,
+              score="trailing", every=1)
 PARAMS = {"w": jnp.array([1.0, -2.0, 0.5], jnp.float32)}
 GRADS = {"w": jnp.array([0.3, 0.1, -0.2], jnp.float32)}
 
@@ -55,6 +60,18 @@ def reference_top(m1, m2):
   return float(np.sum((b1 - b2) ** 2) + np.sum((d1 - d2) ** 2))
 
 
+def reference_score(logs, value, score):
+  """Robust z of ``value`` against past log distances ``logs`` (oldest first)."""
+  past = np.array(logs, np.float64)
+  if score == "detrended" and len(past) >= 3:
+    x = np.arange(-len(past), 0, dtype=np.float64)  # the current one at 0
+    slopes = [(past[i] - past[j]) / (x[i] - x[j])
+              for i in range(len(past)) for j in range(i)]
+    past = past - np.median(slopes) * x
+  med = np.median(past)
+  return (value - med) / (1.4826 * np.median(np.abs(past - med)) + 1e-6)
+
+
 def reference_run(acts, cfg=CONFIG):
   """Per-step (distance, z, gate, scale) of CG-ALR, in float64 NumPy."""
   scale, gate, logs, prev, z, dist = 1.0, HOLD, [], None, 0.0, 0.0
@@ -65,9 +82,7 @@ def reference_run(acts, cfg=CONFIG):
       dist = reference_top(prev, m)
       log_d = math.log(max(dist, 1e-30))
       if len(logs) >= cfg["min_history"]:
-        past = np.array(logs[-cfg["window"]:])
-        med = np.median(past)
-        z = (log_d - med) / (1.4826 * np.median(np.abs(past - med)) + 1e-6)
+        z = reference_score(logs[-cfg["window"]:], log_d, cfg["score"])
         if z >= cfg["enter_z"]:
           gate = BRAKE
         elif z <= -cfg["enter_z"]:
@@ -139,6 +154,11 @@ def run(update, acts, state=None, opt=OPT["device"]):
   return states
 
 
+def applied_scale(t, ref=REF):
+  """The scale update t used: the one decided before it (Lag)."""
+  return 1.0 if t == 0 else ref[t - 1]["scale"]
+
+
 def test_reference_stream_exercises_the_gate():
   gates = {t["gate"] for t in REF}
   scales = [t["scale"] for t in REF]
@@ -182,7 +202,8 @@ def test_inside_optax_chain(use_jit):
     grads = {"w": GRADS["w"] * (t + 1)}
     updates, state = update(grads, state, params, activations=ACTS[t])
     momentum = np.asarray(grads["w"]) + 0.5 * momentum
-    expected = -0.1 * REF[t]["scale"] * momentum
+    # Lag: a batch measurement taken at update t acts from update t + 1.
+    expected = -0.1 * applied_scale(t) * momentum
     np.testing.assert_allclose(np.asarray(updates["w"]), expected, rtol=1e-5)
     params = optax.apply_updates(params, updates)
     assert diagnostics(state)["scale"] == pytest.approx(REF[t]["scale"],
@@ -215,12 +236,14 @@ def test_vmap_over_independent_states(backend):
   step = jax.jit(jax.vmap(
       lambda s, a: opt.update(GRADS, s, PARAMS, activations=a)))
   per_step = []
+  before = states.scale
   for t in range(batch.shape[1]):
     updates, states = step(states, batch[:, t])
     per_step.append(states)
     np.testing.assert_allclose(np.asarray(updates["w"]),
-                               np.asarray(states.scale)[:, None] * GRADS["w"],
+                               np.asarray(before)[:, None] * GRADS["w"],
                                rtol=1e-6)
+    before = states.scale
   assert states.scale.shape == (3,)
   for b in range(3):
     ref = reference_run(batch[b])
@@ -234,21 +257,28 @@ def test_state_layout_never_changes():
   init = opt.init(PARAMS)
   assert isinstance(init, ScaleByConnectomeState)
   assert init.count.dtype == jnp.int32 and init.scale.dtype == jnp.float32
-  assert init.reference.shape == (2, K) and init.history.shape == (4,)
+  assert init.reference.shape == (1, 2, K) and init.history.shape == (4,)
+  assert init.pool is None
   state = init
   for acts in [ACTS[0], None, ACTS[1], np.full((N, P), np.nan, np.float32),
                ACTS[2][:, :4], ACTS[3], ACTS[4]]:
-    _, state = STEP["device"](GRADS, state, PARAMS, activations=acts)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # the None step warns: tested elsewhere
+      _, state = STEP["device"](GRADS, state, PARAMS, activations=acts)
     assert_same_layout(state, init)
   wd_init = OPT_WD.init(PARAMS)
-  assert wd_init.reference.shape == (2, WD_K, 2)
+  assert wd_init.reference.shape == (1, 2, WD_K, 2)
   wd_state = run(STEP_WD, ACTS_WD[:2], opt=OPT_WD)[-1]
   assert_same_layout(wd_state, wd_init)
 
 
+FIELDS = ("count", "gate", "history_count", "reference_nodes", "measured",
+          "skipped", "scale", "z", "distance", "noise", "even_distance", "odd_distance",
+          "history", "reference")
+
+
 def fields_except(state, *names):
-  return {k: np.asarray(v) for k, v in state._asdict().items()
-          if k not in names}
+  return {k: np.asarray(getattr(state, k)) for k in FIELDS if k not in names}
 
 
 def assert_only_changed(before, after, *names):
@@ -260,12 +290,18 @@ def assert_only_changed(before, after, *names):
 def test_activations_none_measures_nothing():
   warm = run(STEP["device"], ACTS[:8])[-1]
   assert float(warm.scale) != 1.0  # the scale has moved: "unchanged" means it
-  updates, state = STEP["device"](GRADS, warm, PARAMS)
-  assert_only_changed(warm, state, "count")
+  with pytest.warns(UserWarning, match="nothing to measure"):
+    updates, state = scale_by_connectome(backend="device", **CONFIG).update(
+        GRADS, warm, PARAMS)
+  # A measuring step without activations is a counted skip (Cadence).
+  assert_only_changed(warm, state, "count", "skipped")
+  assert int(state.skipped) == int(warm.skipped) + 1
   assert int(state.count) == int(warm.count) + 1
   np.testing.assert_allclose(np.asarray(updates["w"]),
                              float(warm.scale) * GRADS["w"], rtol=1e-6)
-  updates, state = STEP["device"](GRADS, warm, PARAMS, activations=None)
+  opt = scale_by_connectome(backend="device", **dict(CONFIG, every=2))
+  updates, state = opt.update(GRADS, warm, PARAMS, activations=None)
+  assert int(warm.count) % 2 == 0  # not a measuring update: nothing counted
   assert_only_changed(warm, state, "count")
 
 
@@ -278,17 +314,18 @@ def test_every_k_measures_only_every_kth_step(monkeypatch):
     return real(m, resolution)
 
   monkeypatch.setattr(topology, "top_summary_host", counting)
-  opt = scale_by_connectome(backend="host", every=3, **CONFIG)
+  opt = scale_by_connectome(backend="host", **dict(CONFIG, every=3))
   step = jax.jit(opt.update)
   state = opt.init(PARAMS)
   measured = []
   for t in range(10):
     _, state = step(GRADS, state, PARAMS, activations=ACTS[t])
     measured.append(int(state.measured))
-  # Measurements at counts 0, 3, 6, 9; the connectome of those steps only.
-  assert measured == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4]
-  assert len(calls) == 4  # no host call on the steps in between
-  ref = reference_run(ACTS[[0, 3, 6, 9]])
+  # Every 3rd update measures (updates 2, 5, 8), the connectome of those
+  # updates only.
+  assert measured == [0, 0, 1, 1, 1, 2, 2, 2, 3, 3]
+  assert len(calls) == 3  # no host call on the updates in between
+  ref = reference_run(ACTS[[2, 5, 8]])
   assert float(state.distance) == pytest.approx(ref[-1]["distance"], rel=1e-4)
   assert float(state.scale) == pytest.approx(ref[-1]["scale"], rel=1e-5)
 
@@ -297,6 +334,8 @@ BAD_ACTIVATIONS = {
     "nan": np.where(np.arange(P) == 2, np.nan, ACTS[9]).astype(np.float32),
     "inf": np.where(np.arange(P) == 0, np.inf, ACTS[9]).astype(np.float32),
     "one-sample": ACTS[9][:1],
+    # Two samples make every |rho| exactly 1: rounding, not a measurement.
+    "two-samples": ACTS[9][:2],
     "one-signal": ACTS[9][:, :1],
     "all-dead": np.ones((N, P), np.float32),
     "one-live": np.concatenate([ACTS[9][:, :1], np.zeros((N, P - 1))],
@@ -366,7 +405,7 @@ def test_first_measurement_is_the_reference_only():
   assert int(state.measured) == 1 and int(state.reference_nodes) == P
   assert float(state.distance) == 0.0 and int(state.history_count) == 0
   np.testing.assert_allclose(
-      np.asarray(state.reference),
+      np.asarray(state.reference[0]),
       topology.top_summary_host(reference_connectome(ACTS[0]), K), atol=1e-6)
 
 
@@ -391,7 +430,7 @@ def test_wd_runs_and_measures_wd_distance():
 
 
 def test_wd_uses_a_default_node_budget_of_64():
-  opt = scale_by_connectome("wd", resolution=8)
+  opt = scale_by_connectome("wd", resolution=8, every=1)
   rng = np.random.default_rng(4)
   # Strongly structured signals keep ripser fast on 64 nodes.
   a = (3 * rng.normal(size=(N, 1)) * rng.normal(size=(1, 70))
@@ -400,7 +439,7 @@ def test_wd_uses_a_default_node_budget_of_64():
                                  activations=a)
   assert int(state.reference_nodes) == 64
   np.testing.assert_allclose(
-      np.asarray(state.reference),
+      np.asarray(state.reference[0]),
       topology.wd_summary_host(
           reference_connectome(a[:, node_subset(70, 64, 0)]), 8), atol=1e-5)
 
@@ -408,7 +447,7 @@ def test_wd_uses_a_default_node_budget_of_64():
 def test_updates_keep_their_dtype():
   grads = {"w": jnp.ones(3, jnp.bfloat16), "none": None}
   warm = run(STEP["device"], ACTS[:8])[-1]
-  updates, _ = OPT["device"].update(grads, warm)
+  updates, _ = OPT["device"].update(grads, warm, activations=ACTS[8])
   assert updates["w"].dtype == jnp.bfloat16 and updates["none"] is None
   np.testing.assert_allclose(np.asarray(updates["w"], np.float32),
                              float(warm.scale), rtol=1e-2)
@@ -419,11 +458,11 @@ def test_updates_keep_their_dtype():
 
 BAD_ARGUMENTS = [
     ("distance", "l2"), ("distance", None),
-    ("window", 1), ("window", 2.5), ("window", True),
+    ("window", 1), ("window", 2.5), ("window", True), ("window", "20"),
     ("min_history", 0), ("min_history", 21), ("min_history", 1.0),
     ("enter_z", 0.0), ("enter_z", -1.0), ("enter_z", math.nan),
     ("enter_z", "1"),
-    ("exit_z", -0.1), ("exit_z", 1.0), ("exit_z", 2.0), ("exit_z", math.inf),
+    ("exit_z", -0.1), ("exit_z", 1.5), ("exit_z", 2.0), ("exit_z", math.inf),
     ("boost", 1.0), ("boost", 0.9), ("boost", math.inf),
     ("brake", 1.0), ("brake", 0.0), ("brake", 1.2),
     ("min_scale", 0.0), ("min_scale", 1.5), ("min_scale", -0.1),
@@ -431,8 +470,10 @@ BAD_ARGUMENTS = [
     ("every", 0), ("every", 1.5),
     ("max_nodes", 1), ("max_nodes", 0), ("max_nodes", 8.0),
     ("resolution", 0), ("resolution", 4.0),
-    ("seed", 1.5), ("seed", None),
+    ("seed", 1.5), ("seed", "0"),
     ("backend", "tpu"), ("backend", None),
+    ("score", "median"), ("layout", "NCHW"), ("pool", 1), ("noise", "yes"),
+    ("probe", 3),
 ]
 
 
@@ -450,7 +491,7 @@ def test_wd_with_device_backend_raises_naming_backend():
     scale_by_connectome("wd", backend="device")
 
 
-@pytest.mark.parametrize("momentum", [1.0, -0.1, 1.5, "0.9"])
+@pytest.mark.parametrize("momentum", [1.0, -0.1, 1.5, "0.9", math.nan])
 def test_cgalr_rejects_bad_momentum(momentum):
   with pytest.raises(ValueError, match="momentum"):
     cgalr(0.1, momentum=momentum)
@@ -464,18 +505,28 @@ def test_boundary_values_are_accepted():
 
 
 def test_defaults_are_the_design_contract():
-  # DESIGN.md section 3, written out.
-  expected = dict(distance="top", window=20, min_history=5, enter_z=1.0,
-                  exit_z=0.25, boost=1.05, brake=0.95, min_scale=0.1,
-                  max_scale=4.0, every=1, max_nodes=None, resolution=512,
-                  seed=0, backend="auto")
+  # DESIGN.md section 3 and the gate study's choice (experiments/README.md),
+  # written out. Sizes default to None (resolved below) so that
+  # optax.inject_hyperparams leaves them static.
+  expected = dict(distance="top", probe=None, pool=False, noise=False,
+                  max_nodes=None, backend="auto", select=None,
+                  axis_name=None, layout=None)
   params = inspect.signature(scale_by_connectome).parameters
   for name, value in expected.items():
     assert params[name].default == value, name
+  state = scale_by_connectome().init(PARAMS)
+  assert state.history.shape == (20,) and state.reference.shape == (1, 2, 512)
+  gate = cgalr_jax.GateConfig()
+  assert (gate.window, gate.min_history) == (20, 5)
   rm = inspect.signature(cgalr_jax.robbins_monro).parameters
   assert rm["t0"].default == 100.0 and rm["power"].default == 0.75
-  cg = inspect.signature(cgalr).parameters
-  assert cg["momentum"].default == 0.9 and cg["nesterov"].default is False
+  cg = list(inspect.signature(cgalr).parameters.values())
+  # optax.sgd's positional order.
+  assert [p.name for p in cg[:4]] == ["learning_rate", "momentum", "nesterov",
+                                      "accumulator_dtype"]
+  assert cg[1].default == 0.9 and cg[2].default is False
+  sc = inspect.signature(scale_by_connectome).parameters
+  assert {p.name for p in cg[4:]} == set(sc)
 
 
 # ----------------------------------------------------------------------------
@@ -489,7 +540,7 @@ def test_cgalr_is_trace_scale_by_connectome_learning_rate():
     updates, state = STEP_CGALR(GRADS, state, PARAMS, activations=ACTS[t])
     momentum = np.asarray(GRADS["w"]) + 0.5 * momentum
     np.testing.assert_allclose(np.asarray(updates["w"]),
-                               -0.1 * REF[t]["scale"] * momentum, rtol=1e-5)
+                               -0.1 * applied_scale(t) * momentum, rtol=1e-5)
   # (A Robbins-Monro schedule as learning rate: tests/test_training.py.)
 
 
@@ -498,12 +549,13 @@ def mark_states(opt_state, *scales):
   values = iter(scales)
   is_state = lambda x: isinstance(x, ScaleByConnectomeState)  # noqa: E731
   return jax.tree.map(
-      lambda x: x._replace(scale=jnp.float32(next(values))) if is_state(x)
-      else x, opt_state, is_leaf=is_state)
+      lambda x: x._replace(values=x.values.at[0].set(next(values)))
+      if is_state(x) else x, opt_state, is_leaf=is_state)
 
 
 def test_diagnostics_reads_the_state_inside_a_chain():
-  keys = {"distance", "z", "gate", "scale", "measured", "skipped"}
+  keys = {"distance", "z", "gate", "scale", "measured", "skipped", "noise",
+          "even_distance", "odd_distance"}
   state = run(STEP_CGALR, ACTS[:6], opt=CGALR)[-1]
   d = diagnostics(state)
   assert set(d) == keys
