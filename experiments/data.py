@@ -19,12 +19,15 @@ accelerator.
 Planetoid files are Python 2 pickles. A pickle can run arbitrary code when
 loaded, so they are read only through :class:`RestrictedUnpickler`, which
 resolves exactly the globals these files (and protocol-2 pickles of the same
-objects written by Python 3) refer to and refuses everything else.
+objects written by Python 3) refer to, builds only bool / integer / float
+arrays (an object array built from raw bytes would hold forged pointers) and
+refuses everything else.
 
 Planetoid directory resolution, in order: the ``data_dir`` argument, the
 ``CGALR_DATA_DIR`` environment variable, the user cache directory
 ``$XDG_CACHE_HOME/cgalr_jax/planetoid`` (default ``~/.cache/...``). Only the
-cache directory is ever filled by downloading.
+cache directory is ever filled by downloading; every file in it must match
+the SHA-256 of the published file (``PLANETOID_SHA256``).
 """
 
 from __future__ import annotations
@@ -33,15 +36,17 @@ import codecs
 import collections
 import dataclasses
 import functools
+import hashlib
 import http.client
 import io
 import os
 import pickle
 import random
+import reprlib
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import scipy.sparse as sp
@@ -51,9 +56,49 @@ PLANETOID_NAMES = ("cora", "citeseer")
 PLANETOID_EXTS = ("x", "y", "tx", "ty", "allx", "ally", "graph", "test.index")
 PLANETOID_URL = "https://github.com/kimiyoung/planetoid/raw/master/data/ind.{name}.{ext}"
 DATA_DIR_ENV = "CGALR_DATA_DIR"
+# SHA-256 of the published files (PLANETOID_URL); downloads and cached files
+# must match.
+PLANETOID_SHA256 = {
+    "ind.citeseer.allx":
+        "2ac30345d95c9ec933a817ee0bdd6a5f077f8c184a20e696910192d534414668",
+    "ind.citeseer.ally":
+        "f704b2d986dde6c2669934de1f3ae5696a6cf9455c0f6b2646a2d135ea0a1c95",
+    "ind.citeseer.graph":
+        "d79a4ef9d3e7169aee8946145f6b7306e35bc79bffad26346cfb94e10e9912a7",
+    "ind.citeseer.test.index":
+        "2af990671580b6b2df5d158d1038f8292e30c9cd821b5453f399659b25b723d4",
+    "ind.citeseer.tx":
+        "539a8906a2da97628d212f2fdd668c109a8b3f0d36574b59e5d3fd5b5303da21",
+    "ind.citeseer.ty":
+        "55e5bd1ba1e733a04598753ad1a8d57957f4b8f89e74519f41f4f4938767e4ce",
+    "ind.citeseer.x":
+        "d20de19150741e555de0ed037195630fc194114ebc7fd72ced62810148aa22f6",
+    "ind.citeseer.y":
+        "8ba87e515d8e3ee3cf52f6d2c5b86aa73f11ecad825a808455209ec26cd54924",
+    "ind.cora.allx":
+        "9419ba2f26f5c35243db64aba110e0f35a04851609e0dc5433450676ca6b8543",
+    "ind.cora.ally":
+        "2b998f5cc7fedc86e7f97ca2498f47a1ffc1462c29e2d578b23bf3f62b6e7d71",
+    "ind.cora.graph":
+        "58f13302f39dde8852dad6fe6d15b89b077b6d7f837626bce671ef80344b383d",
+    "ind.cora.test.index":
+        "297ce89af2b51a6a194181c7dbe1796c6a1cf9cd9349a88383b1b1e227867875",
+    "ind.cora.tx":
+        "b9afbaa4a400df991f6f02ef677e1e44da55ffc04801fd02f9e673987829226a",
+    "ind.cora.ty":
+        "41f5ac76596a1699cc33f53084a2419e92961c42bb75f36fc38e616d348532ad",
+    "ind.cora.x":
+        "23cfa55d91c6f624233f5eb7b6e3f141f1bd2b2ae39608a63cf5d084bb27baab",
+    "ind.cora.y":
+        "94465c14eb53e04ca262198dcbb2521ee8af60fb3f3d546cd6ca24a511b0e7d1",
+}
+# A download stops past this size; the largest file (ind.citeseer.allx) is
+# 595,021 bytes.
+PLANETOID_MAX_BYTES = 1 << 20
 # Number of validation nodes in the standard Planetoid split.
 PLANETOID_NUM_VAL = 500
 _DOWNLOAD_TIMEOUT_S = 60.0
+_DOWNLOAD_CHUNK = 1 << 16
 
 PathLike = Union[str, os.PathLike]
 
@@ -133,8 +178,10 @@ def load(name: str, *, data_dir: Optional[PathLike] = None,
     ValueError: unknown ``name``.
     FileNotFoundError: Planetoid files missing from an explicitly given
       directory (``data_dir`` or ``$CGALR_DATA_DIR``).
-    pickle.UnpicklingError: a Planetoid pickle refers to a global outside
-      the allowlist.
+    RuntimeError: a Planetoid download failed or a cached file does not
+      match its published SHA-256 (see :func:`resolve_planetoid_dir`).
+    pickle.UnpicklingError: a Planetoid pickle is refused or damaged (see
+      :func:`restricted_load`).
   """
   key = name.lower()
   if key == "digits":
@@ -256,12 +303,53 @@ def _latin1_encode(obj: str, encoding: str = "latin1") -> bytes:
   return obj.encode("latin1")
 
 
-def _numpy_reconstruct() -> Callable[..., Any]:
-  try:
-    from numpy._core import multiarray  # pylint: disable=g-import-not-at-top
-  except ImportError:  # numpy < 2
-    from numpy.core import multiarray  # pylint: disable=g-import-not-at-top
-  return multiarray._reconstruct  # pylint: disable=protected-access
+# What ``numpy.ndarray`` unpickles to: only an argument of ``_reconstruct``,
+# so the pickle cannot call the array constructor on a buffer.
+_NDARRAY = object()
+# Kinds of the arrays a Planetoid pickle may hold: bool, integers, floats.
+_ARRAY_KINDS = "biuf"
+# The BUILD state numpy writes for such a dtype (``dtype.__reduce__``): byte
+# order only; no fields, sizes or flags.
+_DTYPE_STATES = frozenset(
+    (3, order, None, None, None, -1, -1, 0) for order in "<>|=")
+
+
+def _checked_dtype(dtype: Any) -> np.dtype:
+  """Returns ``dtype`` if it is a bool / integer / float dtype, else raises."""
+  if not (isinstance(dtype, np.dtype) and dtype.kind in _ARRAY_KINDS and
+          not dtype.hasobject):
+    raise pickle.UnpicklingError(
+        f"Refused array dtype {reprlib.repr(dtype)}: only bool, integer and "
+        "float arrays are allowed (object or structured dtypes could hold "
+        "forged pointers).")
+  return dtype
+
+
+def _dtype(spec: Any, align: Any = False, copy: Any = True) -> np.dtype:
+  """Stand-in for ``numpy.dtype``: a fresh bool / integer / float dtype.
+
+  ``spec`` must be a type string (``"f4"``); the result is always a copy, so
+  the BUILD that follows never edits numpy's shared instance.
+  """
+  del copy  # always a copy
+  if not isinstance(spec, str):
+    raise pickle.UnpicklingError(
+        f"Refused numpy.dtype of a {type(spec).__name__}, not a type string.")
+  return _checked_dtype(np.dtype(spec, bool(align), True))
+
+
+def _reconstruct(subtype: Any, shape: Any, dummy_dtype: Any) -> np.ndarray:
+  """Stand-in for numpy's ``_reconstruct``: the empty array pickles start from.
+
+  numpy writes ``_reconstruct(ndarray, (0,), b"b")``, then a BUILD that
+  fills the array (checked in :meth:`RestrictedUnpickler.load_build`); the
+  dummy dtype is ignored.
+  """
+  del dummy_dtype
+  if subtype is not _NDARRAY or shape != (0,):
+    raise pickle.UnpicklingError(
+        "Refused numpy _reconstruct other than of an empty ndarray.")
+  return np.empty((0,), np.int8)
 
 
 @functools.lru_cache(maxsize=None)
@@ -273,32 +361,41 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
   ``collections.defaultdict`` and ``__builtin__.list`` (the graph). Aliases
   cover the module paths current numpy/scipy/Python 3 write for the same
   objects with protocol 2 (``numpy._core``, ``scipy.sparse._csr``,
-  ``builtins``, ``_codecs.encode`` restricted to latin1).
+  ``builtins``, ``_codecs.encode`` restricted to latin1). The numpy names map
+  to the checked stand-ins above.
   """
-  reconstruct = _numpy_reconstruct()
   allowed: dict[tuple[str, str], Any] = {
-      ("numpy", "ndarray"): np.ndarray,
-      ("numpy", "dtype"): np.dtype,
+      ("numpy", "ndarray"): _NDARRAY,
+      ("numpy", "dtype"): _dtype,
       ("collections", "defaultdict"): collections.defaultdict,
       ("__builtin__", "list"): list,
       ("builtins", "list"): list,
       ("_codecs", "encode"): _latin1_encode,
   }
   for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-    allowed[(module, "_reconstruct")] = reconstruct
+    allowed[(module, "_reconstruct")] = _reconstruct
   for module in ("scipy.sparse.csr", "scipy.sparse._csr", "scipy.sparse"):
     allowed[(module, "csr_matrix")] = sp.csr_matrix
   return allowed
 
 
-class RestrictedUnpickler(pickle.Unpickler):
+class RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-access
   """Unpickler that resolves only the globals of the Planetoid files.
 
   The allowed objects are returned from a fixed table; no module is imported
   on behalf of the pickle. Anything else (``os.system``, ``builtins.eval``,
   ...) raises ``pickle.UnpicklingError`` naming the refused global, before it
   could be called.
+
+  Arrays are bool / integer / float only: numpy fills an array from the raw
+  bytes in the pickle, which for an object dtype (or one whose state claims
+  other flags or fields) would be forged pointers that crash the process. So
+  this is the pure-Python unpickler, whose BUILD step is checked first:
+  a dtype may only take numpy's own state for it (byte order), an array only
+  a bool / integer / float dtype and raw bytes.
   """
+
+  dispatch = dict(pickle._Unpickler.dispatch)  # pylint: disable=protected-access
 
   def find_class(self, module: str, name: str) -> Any:
     try:
@@ -311,9 +408,42 @@ class RestrictedUnpickler(pickle.Unpickler):
   def persistent_load(self, pid: Any) -> Any:
     raise pickle.UnpicklingError("Refused persistent id in pickle.")
 
+  def load_build(self) -> None:
+    """BUILD (``inst.__setstate__(state)``), array and dtype states checked."""
+    inst, state = self.stack[-2], self.stack[-1]
+    if isinstance(inst, np.dtype) and not (
+        isinstance(state, tuple) and
+        all(type(v) in (int, str, type(None)) for v in state) and
+        state in _DTYPE_STATES):
+      raise pickle.UnpicklingError(
+          "Refused dtype state: only a byte order may be set.")
+    if isinstance(inst, np.ndarray):
+      if not (isinstance(state, tuple) and len(state) == 5 and
+              isinstance(state[4], (bytes, str))):
+        raise pickle.UnpicklingError(
+            "Refused ndarray state: expected (version, shape, dtype, "
+            "fortran, raw bytes).")
+      _checked_dtype(state[2])
+    super().load_build()
+
+  dispatch[pickle.BUILD[0]] = load_build
+
+
+_BAD_FILE_FIX = ("delete the damaged file (one in the cache directory is then "
+                 "downloaded again) or replace it with the published one.")
+
+
+def _bad_file_error(path: PathLike, error: Exception) -> str:
+  """Message for a Planetoid file that cannot be read: names it and the fix."""
+  return (f"Could not read {path} ({type(error).__name__}: {error}); it is "
+          f"damaged or not a Planetoid file: {_BAD_FILE_FIX}")
+
 
 def restricted_load(path: PathLike) -> Any:
   """Loads a (Python 2, latin1) pickle through :class:`RestrictedUnpickler`.
+
+  A top-level sparse matrix is also checked in full (index bounds), since
+  scipy's kernels trust the indices.
 
   Args:
     path: the pickle file.
@@ -323,11 +453,19 @@ def restricted_load(path: PathLike) -> Any:
 
   Raises:
     pickle.UnpicklingError: the pickle refers to a global outside the
-      allowlist.
+      allowlist, holds an array that is not bool / integer / float, or is
+      damaged (truncated, garbage, inconsistent sparse matrix); the message
+      names ``path``.
   """
   with open(path, "rb") as f:
     data = f.read()
-  return RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+  try:
+    obj = RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+    if isinstance(obj, sp.spmatrix):
+      obj.check_format(full_check=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise pickle.UnpicklingError(_bad_file_error(path, e)) from e
+  return obj
 
 
 # ----------------------------------------------------------------------------
@@ -360,11 +498,16 @@ def resolve_planetoid_dir(name: str,
     A directory that holds all eight files of ``name``.
 
   Raises:
+    ValueError: ``name`` is not a Planetoid dataset.
     FileNotFoundError: files missing from an explicitly given directory
       (``data_dir`` or ``$CGALR_DATA_DIR``); nothing is downloaded then.
     RuntimeError: files missing from the cache directory and the download
-      failed (e.g. offline).
+      failed (e.g. offline, larger than ``PLANETOID_MAX_BYTES``, or not the
+      published file: SHA-256 mismatch), or a cached file does not match its
+      SHA-256 (the message names it; delete it to download it again).
   """
+  if name not in PLANETOID_NAMES:
+    raise ValueError(f"Unknown Planetoid dataset {name!r}.")
   explicit = data_dir if data_dir is not None else (
       os.environ.get(DATA_DIR_ENV) or None)
   if explicit is not None:
@@ -379,34 +522,67 @@ def resolve_planetoid_dir(name: str,
     return directory
   directory = default_cache_dir()
   for ext, path in planetoid_files(name, directory).items():
-    if not path.is_file():
+    if path.is_file():
+      with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+      _check_sha256(path, digest, "Delete it to download it again.")
+    else:
       _download(PLANETOID_URL.format(name=name, ext=ext), path)
   return directory
 
 
+def _check_sha256(path: Path, digest: str, fix: str) -> None:
+  """Raises ``RuntimeError`` unless ``digest`` is that of ``path``'s name."""
+  expected = PLANETOID_SHA256[path.name]
+  if digest != expected:
+    raise RuntimeError(f"SHA-256 mismatch for {path}: got {digest}, expected "
+                       f"{expected} (the published file). {fix}")
+
+
 def _download(url: str, path: Path) -> None:
-  """Downloads ``url`` to ``path`` atomically (temp file, then rename)."""
+  """Downloads ``url`` to ``path``, checked against ``PLANETOID_SHA256``.
+
+  Streams into a temp file next to ``path``, stops past
+  ``PLANETOID_MAX_BYTES``, and renames it to ``path`` only when the SHA-256
+  matches; otherwise the temp file is deleted.
+  """
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + f".part{os.getpid()}")
+  digest = hashlib.sha256()
   try:
-    with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
-      payload = response.read()
-  except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-    raise RuntimeError(
-        f"Could not download {url} into {path.parent} ({e}). If offline, put "
-        f"the Planetoid files ind.<name>.{{{','.join(PLANETOID_EXTS)}}} in a "
-        f"directory and pass data_dir=... or set ${DATA_DIR_ENV}.") from e
-  try:
-    tmp.write_bytes(payload)
+    try:
+      with (urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as resp,
+            open(tmp, "wb") as out):
+        while chunk := resp.read(_DOWNLOAD_CHUNK):
+          digest.update(chunk)
+          out.write(chunk)
+          if out.tell() > PLANETOID_MAX_BYTES:
+            raise RuntimeError(
+                f"Refused download of {url} into {path}: larger than "
+                f"PLANETOID_MAX_BYTES = {PLANETOID_MAX_BYTES} bytes.")
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+      raise RuntimeError(
+          f"Could not download {url} into {path.parent} ({e}). If offline, "
+          f"put the Planetoid files ind.<name>.{{{','.join(PLANETOID_EXTS)}}} "
+          f"in a directory and pass data_dir=... or set ${DATA_DIR_ENV}."
+      ) from e
+    _check_sha256(path, digest.hexdigest(),
+                  f"The download from {url} was discarded.")
     os.replace(tmp, path)
   finally:
-    if tmp.exists():
-      tmp.unlink()
+    tmp.unlink(missing_ok=True)
 
 
 def _read_index(path: Path) -> np.ndarray:
-  with open(path, "r", encoding="ascii") as f:
-    return np.array([int(line) for line in f if line.strip()], dtype=np.int64)
+  """Reads a ``test.index`` file: one node id per line."""
+  try:
+    with open(path, "r", encoding="ascii") as f:
+      ids = np.array([int(line) for line in f if line.strip()], dtype=np.int64)
+    if not ids.size:
+      raise ValueError("no node ids")
+  except (ValueError, OverflowError) as e:  # also UnicodeDecodeError
+    raise ValueError(_bad_file_error(path, e)) from e
+  return ids
 
 
 def _row_normalize(features: sp.spmatrix) -> np.ndarray:
@@ -487,13 +663,11 @@ def load_planetoid(name: str, *, data_dir: Optional[PathLike] = None) -> Dataset
 
   Raises:
     FileNotFoundError, RuntimeError: see :func:`resolve_planetoid_dir`.
-    pickle.UnpicklingError: a pickle refers to a global outside the
-      allowlist.
-    ValueError: inconsistent files.
+    pickle.UnpicklingError: see :func:`restricted_load`.
+    ValueError: unknown ``name``; damaged or inconsistent files (the message
+      names them and the fix).
   """
   name = name.lower()
-  if name not in PLANETOID_NAMES:
-    raise ValueError(f"Unknown Planetoid dataset {name!r}.")
   files = planetoid_files(name, resolve_planetoid_dir(name, data_dir))
   obj = {ext: restricted_load(files[ext]) for ext in PLANETOID_EXTS
          if ext != "test.index"}
@@ -503,11 +677,14 @@ def load_planetoid(name: str, *, data_dir: Optional[PathLike] = None) -> Dataset
   test_idx_reorder = _read_index(files["test.index"])
   test_idx_range = np.sort(test_idx_reorder)
   if len(np.unique(test_idx_reorder)) != len(test_idx_reorder):
-    raise ValueError(f"Duplicate ids in {files['test.index']}.")
+    raise ValueError(f"Duplicate ids in {files['test.index']}; "
+                     f"{_BAD_FILE_FIX}")
   if len(test_idx_reorder) != tx.shape[0] or len(ty) != tx.shape[0]:
-    raise ValueError("test.index, tx and ty disagree in length.")
+    raise ValueError(f"{files['test.index']}, {files['tx']} and {files['ty']} "
+                     f"disagree in length; {_BAD_FILE_FIX}")
   if test_idx_range[0] != allx.shape[0]:
-    raise ValueError("Test ids must start right after the allx nodes.")
+    raise ValueError(f"Test ids in {files['test.index']} must start right "
+                     f"after the nodes of {files['allx']}; {_BAD_FILE_FIX}")
 
   # Kipf: over range(min(test), max(test) + 1), tx/ty row i goes to position
   # sorted_test[i] - min(test); ids absent from the test index (isolated

@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import collections
 import codecs
+import functools
+import hashlib
+import io
 import os
 import pickle
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from hypothesis import HealthCheck, given, settings, strategies as st
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
 from experiments import data
 
-REAL_PLANETOID = (Path(__file__).resolve().parents[1].parent / "shared" /
-                  "data" / "planetoid")
+REPO = Path(__file__).resolve().parents[1]
+REAL_PLANETOID = REPO.parent / "shared" / "data" / "planetoid"
+needs_real = pytest.mark.skipif(not REAL_PLANETOID.is_dir(),
+                                reason=f"{REAL_PLANETOID} not present")
 
 
 @pytest.fixture(autouse=True)
@@ -293,29 +301,37 @@ def test_missing_files_with_env_var_raise_without_network(tmp_path,
     data.load("citeseer")
 
 
-def test_cache_dir_download_path_with_fake_urlopen(tmp_path, monkeypatch):
-  source = _write_tiny(tmp_path / "source")
+def _sha256(blob: bytes) -> str:
+  return hashlib.sha256(blob).hexdigest()
+
+
+def _serve(monkeypatch, files):
+  """Fake urlopen: the URL's file name -> bytes (or a response) from ``files``.
+
+  Returns the list of requested URLs.
+  """
   requested = []
-
-  class _Response:
-
-    def __init__(self, payload):
-      self._payload = payload
-
-    def read(self):
-      return self._payload
-
-    def __enter__(self):
-      return self
-
-    def __exit__(self, *exc):
-      return False
 
   def fake_urlopen(url, timeout=None):
     requested.append(url)
-    return _Response((source / url.rsplit("/", 1)[1]).read_bytes())
+    body = files[url.rsplit("/", 1)[1]]
+    return io.BytesIO(body) if isinstance(body, bytes) else body
 
   monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+  return requested
+
+
+def _tiny_published(tmp_path, monkeypatch):
+  """The tiny set as if published: its bytes, and their digests in the table."""
+  files = {p.name: p.read_bytes()
+           for p in _write_tiny(tmp_path / "source").iterdir()}
+  monkeypatch.setattr(data, "PLANETOID_SHA256",
+                      {k: _sha256(v) for k, v in files.items()})
+  return files
+
+
+def test_cache_dir_download_path_with_fake_urlopen(tmp_path, monkeypatch):
+  requested = _serve(monkeypatch, _tiny_published(tmp_path, monkeypatch))
   cache = tmp_path / "xdg_cache" / "cgalr_jax" / "planetoid"
   assert data.default_cache_dir() == cache
   _check_tiny(data.load("cora"))
@@ -338,6 +354,101 @@ def test_cache_dir_offline_gives_clear_error(monkeypatch):
   with pytest.raises(RuntimeError, match="CGALR_DATA_DIR"):
     data.load("citeseer")
   assert not any(data.default_cache_dir().glob("*"))  # no partial files
+
+
+@needs_real
+@pytest.mark.parametrize("name", data.PLANETOID_NAMES)
+def test_download_matching_published_digests(name, monkeypatch):
+  published = {p.name: p.read_bytes()
+               for p in REAL_PLANETOID.glob(f"ind.{name}.*")}
+  cache = data.default_cache_dir()
+  seen_while_streaming = []
+
+  class _Watched(io.BytesIO):
+
+    def read(self, *args):
+      seen_while_streaming.append(sorted(p.name for p in cache.iterdir()))
+      return super().read(*args)
+
+  files = dict(published)
+  files[f"ind.{name}.allx"] = _Watched(published[f"ind.{name}.allx"])
+  requested = _serve(monkeypatch, files)
+  assert data.resolve_planetoid_dir(name) == cache
+  assert len(requested) == 8
+  assert {p.name: p.read_bytes() for p in cache.iterdir()} == published
+  # allx streamed into a temp file next to it, renamed only at the end.
+  assert [n for n in seen_while_streaming[-1] if "allx" in n] == [
+      f"ind.{name}.allx.part{os.getpid()}"]
+
+
+def test_download_with_wrong_digest_is_discarded(monkeypatch):
+  _serve(monkeypatch, collections.defaultdict(lambda: b"not the published"))
+  cache = data.default_cache_dir()
+  with pytest.raises(RuntimeError) as info:
+    data.resolve_planetoid_dir("cora")
+  message = str(info.value)
+  assert str(cache / "ind.cora.x") in message
+  assert _sha256(b"not the published") in message
+  assert data.PLANETOID_SHA256["ind.cora.x"] in message
+  assert not any(cache.iterdir())  # neither the file nor a partial one
+
+
+def test_download_over_size_cap_stops_and_is_discarded(monkeypatch):
+
+  class _Endless(io.BytesIO):
+    served = 0
+
+    def read(self, size=-1):
+      assert size > 0, "must stream in chunks, not read everything"
+      _Endless.served += size
+      return b"\0" * size
+
+  _serve(monkeypatch, collections.defaultdict(_Endless))
+  with pytest.raises(RuntimeError, match="larger than"):
+    data.resolve_planetoid_dir("cora")
+  assert _Endless.served <= data.PLANETOID_MAX_BYTES + (1 << 16)
+  assert not any(data.default_cache_dir().iterdir())
+
+
+def _truncate(blob: bytes) -> bytes:
+  return blob[:len(blob) // 2]
+
+
+def _garbage(blob: bytes) -> bytes:
+  return np.random.default_rng(0).bytes(len(blob))
+
+
+def _empty(blob: bytes) -> bytes:
+  del blob
+  return b""
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garbage, _empty])
+@pytest.mark.parametrize("ext", ["x", "graph", "test.index"])
+def test_bad_cached_file_names_it(tmp_path, monkeypatch, ext, damage):
+  files = _tiny_published(tmp_path, monkeypatch)
+  cache = data.default_cache_dir()
+  cache.mkdir(parents=True)
+  for file_name, blob in files.items():
+    (cache / file_name).write_bytes(blob)
+  bad = cache / f"ind.cora.{ext}"
+  bad.write_bytes(damage(bad.read_bytes()))
+  with pytest.raises(RuntimeError, match="Delete it to download it") as info:
+    data.load("cora")  # the autouse fixture fails any download attempt
+  assert str(bad) in str(info.value)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garbage, _empty])
+@pytest.mark.parametrize("ext,error", [("x", pickle.UnpicklingError),
+                                       ("graph", pickle.UnpicklingError),
+                                       ("test.index", ValueError)])
+def test_bad_file_in_data_dir_names_it(tmp_path, ext, error, damage):
+  d = _write_tiny(tmp_path / "p")
+  bad = d / f"ind.cora.{ext}"
+  bad.write_bytes(damage(bad.read_bytes()))
+  with pytest.raises(error, match="delete the damaged file") as info:
+    data.load("cora", data_dir=d)
+  assert str(bad) in str(info.value)
 
 
 # ----------------------------------------------------------------------------
@@ -407,13 +518,174 @@ def test_codecs_encode_only_latin1(tmp_path):
   assert data.restricted_load(path) == b"\x00\xffok"
 
 
+class _Reduce:
+  """Pickles as ``func(*args)``, then BUILD with ``state`` if given."""
+
+  def __init__(self, func, args, state=None):
+    self.func, self.args, self.state = func, args, state
+
+  def __reduce__(self):
+    return (self.func, self.args) + (() if self.state is None else
+                                     (self.state,))
+
+
+# numpy's own dtype state, with its flags (``NPY_LIST_PICKLE`` ...) zeroed.
+_NO_FLAGS = (3, "|", None, None, None, -1, -1, 0)
+
+
+def _array_pickle(code, raw, shape=None, dtype_state=_NO_FLAGS):
+  """An ndarray pickle as numpy writes it, with any dtype, state and bytes."""
+  _reconstruct = np.zeros(0).__reduce__()[0]
+  dtype = _Reduce(np.dtype, (code, False, True), dtype_state)
+  if shape is None:
+    shape = (len(raw) // np.dtype(code).itemsize,)
+  return pickle.dumps(_Reduce(_reconstruct, (np.ndarray, (0,), b"b"),
+                              (1, shape, dtype, False, raw)), protocol=2)
+
+
+# An object array whose 16 raw bytes are two forged pointers: numpy only
+# treats object bytes as a list of objects if the dtype's flags say so, and
+# the pickle sets them to 0. Unrestricted, using it (or freeing it) crashes.
+FORGED_POINTERS = _array_pickle("O8", b"\x41" * 16)
+
+
+def test_forged_object_array_fails_cleanly_in_a_subprocess(tmp_path):
+  path = tmp_path / "ind.cora.y"
+  path.write_bytes(FORGED_POINTERS)
+  script = ("import sys; from experiments import data; "
+            "print(repr(data.restricted_load(sys.argv[1])))")
+  proc = subprocess.run([sys.executable, "-c", script, str(path)], cwd=REPO,
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
+  # A negative code is a signal (SIGSEGV); 1 is an uncaught Python exception.
+  assert proc.returncode == 1, (proc.returncode, proc.stderr)
+  assert "pickle.UnpicklingError" in proc.stderr
+  assert str(path) in proc.stderr and "dtype('O')" in proc.stderr
+
+
+@pytest.mark.parametrize("code,dtype_state,raw,ok", [
+    ("f4", (3, "<", None, None, None, -1, -1, 0), b"\0" * 8, True),
+    ("i4", (3, ">", None, None, None, -1, -1, 0), b"\0\0\0\1", True),
+    ("b1", _NO_FLAGS, b"\1\0", True),
+    ("u2", (3, "=", None, None, None, -1, -1, 0), b"\7\0", True),
+    ("O8", _NO_FLAGS, b"\x41" * 8, False),
+    ("O", (3, "|", None, None, None, -1, -1, 63), [1], False),
+    ("V8", (3, "|", None, None, None, 8, 1, 0), b"\x41" * 8, False),
+    ("f4,O8", _NO_FLAGS, b"\x41" * 12, False),
+    ("(2,)O8", _NO_FLAGS, b"\x41" * 16, False),
+    ("U2", (3, "<", None, None, None, 8, 4, 8), b"\x41" * 8, False),
+    # State of a numeric dtype that claims object flags or fields.
+    ("f8", (3, "<", None, None, None, -1, -1, 63), b"\x41" * 8, False),
+    ("f8", (3, "<", None, ("a",), {"a": (np.dtype("f8"), 0)}, 8, 8, 0),
+     b"\x41" * 8, False),
+])
+def test_array_dtypes(tmp_path, code, dtype_state, raw, ok):
+  path = tmp_path / "blob"
+  path.write_bytes(_array_pickle(code, raw, dtype_state=dtype_state))
+  if not ok:
+    with pytest.raises(pickle.UnpicklingError, match="Refused") as info:
+      data.restricted_load(path)
+    assert str(path) in str(info.value)
+    return
+  expected = np.frombuffer(raw, np.dtype(code).newbyteorder(dtype_state[1]))
+  got = data.restricted_load(path)
+  assert type(got) is np.ndarray  # numpy swaps to native byte order:
+  assert got.dtype.newbyteorder("=") == expected.dtype.newbyteorder("=")
+  np.testing.assert_array_equal(got, expected)
+  assert np.dtype(code).isnative  # numpy's shared dtype was not edited
+
+
+@functools.cache
+def _fuzz_seeds() -> list[bytes]:
+  seeds = [pickle.dumps(v, protocol=2) for k, v in _tiny_objects().items()
+           if k in ("x", "y")]
+  small_graph = collections.defaultdict(list, {0: [1, 2], 1: [0], 2: [0]})
+  seeds += [pickle.dumps(small_graph, protocol=2), FORGED_POINTERS]
+  if REAL_PLANETOID.is_dir():  # Python 2 pickles: str raw data, BINSTRING
+    seeds.append((REAL_PLANETOID / "ind.cora.y").read_bytes()[:1500])
+    seeds.append((REAL_PLANETOID / "ind.citeseer.x").read_bytes()[:3000])
+  return seeds
+
+
+_TOKENS = (b"f4", b"i4", b"b1", b"O8", b"V8", b"U2", b"b", b"O", b"\x00",
+           b"\xff", b"K?", b"(", b")", b"t", b"R", b"N", b"}", b"q\x01")
+
+
+@st.composite
+def _mutated_pickles(draw):
+  blob = bytearray(draw(st.sampled_from(_fuzz_seeds())))
+  for _ in range(draw(st.integers(1, 4))):
+    i = draw(st.integers(0, len(blob)))
+    op = draw(st.sampled_from(("set", "insert", "delete", "truncate",
+                               "retype")))
+    token = draw(st.sampled_from(_TOKENS))
+    if op == "set":
+      blob[i:i + len(token)] = token
+    elif op == "insert":
+      blob[i:i] = token
+    elif op == "delete":
+      del blob[i:i + draw(st.integers(1, 8))]
+    elif op == "truncate":
+      del blob[i:]
+    else:  # swap one dtype string for another of the same length
+      blob = bytearray(bytes(blob).replace(
+          draw(st.sampled_from((b"f4", b"i4", b"b1"))),
+          draw(st.sampled_from((b"O8", b"V8", b"U2", b"f8", b"u1"))), 1))
+  return bytes(blob)
+
+
+_crafted_arrays = st.builds(
+    _array_pickle,
+    code=st.sampled_from(("f4", "i4", "b1", "O", "O8", "V8", "f4,O8", "U1",
+                          "M8[s]")),
+    raw=st.binary(max_size=24),
+    shape=st.lists(st.integers(-2, 9), max_size=3).map(tuple),
+    dtype_state=st.tuples(
+        st.sampled_from((3, 4)), st.sampled_from(("<", ">", "|", "=")),
+        st.none(), st.none(), st.none(), st.sampled_from((-1, 0, 8, 1 << 40)),
+        st.sampled_from((-1, 1, 8)), st.integers(0, 255)))
+
+
+def _touch(obj):
+  """Reads every array reachable from ``obj``; forged pointers would crash."""
+  stack, seen = [obj], set()
+  while stack:
+    o = stack.pop()
+    if id(o) in seen:
+      continue
+    seen.add(id(o))
+    if isinstance(o, np.ndarray):
+      assert o.dtype.kind in "biuf" and not o.dtype.hasobject, o.dtype
+      o.tolist()
+    elif isinstance(o, dict):
+      stack += list(o.keys()) + list(o.values())
+    elif isinstance(o, (list, tuple)):
+      stack += list(o)
+    elif isinstance(o, sp.spmatrix):
+      stack += list(vars(o).values())
+
+
+@settings(max_examples=400, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                 HealthCheck.too_slow])
+@given(blob=st.one_of(_mutated_pickles(), _crafted_arrays))
+def test_fuzzed_pickles_fail_cleanly(tmp_path, blob):
+  path = tmp_path / "ind.cora.x"
+  path.write_bytes(blob)
+  try:
+    obj = data.restricted_load(path)
+  except pickle.UnpicklingError as e:
+    assert str(path) in str(e)
+  else:
+    _touch(obj)
+    if isinstance(obj, sp.spmatrix):
+      obj.tocoo()  # full check passed: the indices are in bounds
+  assert np.dtype("f4").isnative and np.dtype("i4").isnative
+
+
 # ----------------------------------------------------------------------------
 # The real Planetoid files.
 # ----------------------------------------------------------------------------
-
-needs_real = pytest.mark.skipif(not REAL_PLANETOID.is_dir(),
-                                reason=f"{REAL_PLANETOID} not present")
-
 
 def _independent_adj_rows(graph, rows):
   """Rows of D^-1/2 (A + I) D^-1/2 from neighbour sets, no matrices."""
@@ -428,6 +700,26 @@ def _independent_adj_rows(graph, rows):
   for i in rows:
     out[i] = {j: 1.0 / np.sqrt(deg(i) * deg(j)) for j in nbrs[i] | {i}}
   return out, nbrs
+
+
+@needs_real
+@pytest.mark.filterwarnings("ignore:Please import `csr_matrix`")  # plain load
+@pytest.mark.parametrize("path", sorted(
+    p for p in REAL_PLANETOID.glob("ind.*") if p.suffix != ".index"),
+                         ids=lambda p: p.name)
+def test_real_pickles_load_as_with_plain_pickle(path):
+  assert _sha256(path.read_bytes()) == data.PLANETOID_SHA256[path.name]
+  with open(path, "rb") as f:  # trusted: the published bytes
+    want = pickle.load(f, encoding="latin1")
+  got = data.restricted_load(path)
+  assert type(got) is type(want)
+  if isinstance(want, dict):
+    assert got == want
+  else:
+    if sp.issparse(want):
+      got, want = got.toarray(), want.toarray()
+    assert got.dtype == want.dtype and got.dtype.kind in "fi"
+    np.testing.assert_array_equal(got, want)
 
 
 @needs_real
