@@ -350,7 +350,9 @@ def scale_by_connectome(
     values = jnp.concatenate([
         jnp.stack([keep(new_scale, v[_SCALE]), keep(z, v[_Z]),
                    keep(dist, v[_DISTANCE])]),
-        jnp.where(has_ref, noise_values, v[_NOISE:])]).astype(jnp.float32)
+        noise_values[:1],  # the floor needs no reference
+        jnp.where(has_ref, noise_values[1:], v[_EVEN_DISTANCE:])]
+                             ).astype(jnp.float32)
     return state._replace(
         counters=counters, values=values,
         history=keep(pushed, state.history), reference=summaries)

@@ -1,4 +1,4 @@
-"""cgalr_jax.connectome against numpy.corrcoef (DESIGN.md 2, Signals/Connectome)."""
+"""cgalr_jax.connectome (and measure.signals) against numpy.corrcoef (DESIGN.md 2)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ import numpy as np
 import pytest
 
 from cgalr_jax import connectome
-from cgalr_jax.connectome import (correlation_from_stats, num_signals,
-                                  signal_stats, signals)
+from cgalr_jax.connectome import correlation_from_stats
+from cgalr_jax.measure import merge_parts, num_signals, signals, split_stats
+
+
+def signal_stats(a, shift=None):
+  return merge_parts(split_stats(a, shift))
 
 
 def reference_connectome(a: np.ndarray) -> np.ndarray:
