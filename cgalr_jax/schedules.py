@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -44,8 +45,13 @@ def robbins_monro(init_value: float, *, t0: float = 100.0,
     raise ValueError(
         f"robbins_monro: power must be in (0.5, 1], got {power}.")
 
+  # t0 outside float32's normal range would round to 0 or inf (and 0 / 0 at
+  # t = 0 to NaN); clamped, the schedule stays finite with the same meaning.
+  f32 = np.finfo(np.float32)
+  t0_f32 = float(np.clip(t0, f32.tiny, f32.max))
+
   def schedule(count):
     t = jnp.asarray(count, jnp.float32)
-    return init_value * (1.0 + t / t0) ** (-power)
+    return init_value * (1.0 + t / t0_f32) ** (-power)
 
   return schedule

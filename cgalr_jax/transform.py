@@ -246,11 +246,16 @@ def scale_by_connectome(
     >>> state = opt.init(params)
     >>> updates, state = opt.update(params, state, params)
   """
-  gate_config = GateConfig(
-      window=_static("window", window, GateConfig.window),
-      min_history=_static("min_history", min_history, GateConfig.min_history),
-      enter_z=enter_z, exit_z=exit_z, boost=boost, brake=brake,
-      min_scale=min_scale, max_scale=max_scale, score=score)
+  try:
+    gate_config = GateConfig(
+        window=_static("window", window, GateConfig.window),
+        min_history=_static("min_history", min_history,
+                            GateConfig.min_history),
+        enter_z=enter_z, exit_z=exit_z, boost=boost, brake=brake,
+        min_scale=min_scale, max_scale=max_scale, score=score)
+  except ValueError as err:
+    raise ValueError(str(err).replace("GateConfig:", "scale_by_connectome:",
+                                      1)) from None
   resolution = _static("resolution", resolution, DEFAULT_RESOLUTION)
   seed = _static("seed", seed, 0)
   if max_nodes is not None:

@@ -32,7 +32,7 @@ BACKEND = sys.argv[1] if len(sys.argv) > 1 else "host"
 
 
 def make_optimizer(axis_name=None):
-  return cgalr_jax.cgalr(0.05, backend=BACKEND, min_history=3, window=8,
+  return cgalr_jax.cgalr(0.05, every=1, backend=BACKEND, min_history=3, window=8,
                          axis_name=axis_name)
 
 

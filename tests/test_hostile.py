@@ -25,7 +25,7 @@ F32_MAX = float(np.finfo(np.float32).max)
 
 def _primed(backend="device", **kwargs):
   """An optimizer state whose scale has moved away from 1 (so a change shows)."""
-  opt = cgalr_jax.scale_by_connectome(backend=backend, window=4, min_history=2,
+  opt = cgalr_jax.scale_by_connectome(every=1, backend=backend, window=4, min_history=2,
                                       **kwargs)
   update = jax.jit(opt.update)
   state = opt.init(PARAMS)
@@ -90,17 +90,19 @@ def test_one_signal_is_skipped():
 
 
 @pytest.mark.parametrize("backend", ["device", "host"])
-def test_two_samples_and_two_signals_are_measured(backend):
-  opt = cgalr_jax.scale_by_connectome(backend=backend)
+def test_two_samples_are_skipped_and_two_signals_measured(backend):
+  opt = cgalr_jax.scale_by_connectome(every=1, backend=backend)
   update = jax.jit(opt.update)
   state = opt.init(PARAMS)
   for t, shape in enumerate([(2, 6), (2, 6), (16, 2), (16, 2), (3, 2)]):
     acts = _normal(*shape, seed=t)
     updates, state = update(GRADS, state, PARAMS, activations=acts)
     assert np.all(np.isfinite(np.asarray(updates["w"])))
-  # (2,6) first -> reference; (2,6) -> distance; (16,2) -> new node count:
-  # a skip; then two measured (16,2)/(3,2) steps.
-  assert int(state.measured) == 4 and int(state.skipped) == 1
+  # Two samples make every |rho| exactly 1 (rounding, not a measurement):
+  # both (2,6) steps are skipped; (16,2) is the reference, then two measured
+  # (16,2)/(3,2) steps.
+  assert int(state.measured) == 3 and int(state.skipped) == 2
+  assert float(state.scale) == 1.0
   assert int(state.reference_nodes) == 2
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state)
              if jnp.issubdtype(x.dtype, jnp.floating))
@@ -109,7 +111,7 @@ def test_two_samples_and_two_signals_are_measured(backend):
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.int8, jnp.bfloat16,
                                    jnp.float16, jnp.bool_])
 def test_integer_and_low_precision_activations_are_measured(dtype):
-  opt = cgalr_jax.scale_by_connectome(backend="device")
+  opt = cgalr_jax.scale_by_connectome(every=1, backend="device")
   update = jax.jit(opt.update)
   state = opt.init(PARAMS)
   for t in range(3):
@@ -121,21 +123,21 @@ def test_integer_and_low_precision_activations_are_measured(dtype):
 
 
 def test_complex_activations_are_a_type_error():
-  opt = cgalr_jax.scale_by_connectome()
+  opt = cgalr_jax.scale_by_connectome(every=1)
   with pytest.raises(TypeError, match="real numbers"):
     opt.update(PARAMS, opt.init(PARAMS),
                activations=jnp.ones((4, 3), jnp.complex64))
 
 
 def test_mismatched_sample_axes_are_a_trace_time_error():
-  opt = cgalr_jax.scale_by_connectome()
-  with pytest.raises(ValueError, match="leading sample axis"):
+  opt = cgalr_jax.scale_by_connectome(every=1)
+  with pytest.raises(ValueError, match="share the sample axis"):
     jax.jit(opt.update)(PARAMS, opt.init(PARAMS), PARAMS,
                         activations=[jnp.ones((4, 3)), jnp.ones((5, 3))])
 
 
 def test_changing_signal_count_re_references_and_counts_a_skip():
-  opt = cgalr_jax.scale_by_connectome(backend="device")
+  opt = cgalr_jax.scale_by_connectome(every=1, backend="device")
   update = jax.jit(opt.update)
   state = opt.init(PARAMS)
   _, state = update(GRADS, state, PARAMS, activations=_normal(16, 6))
@@ -176,7 +178,7 @@ def test_failing_wd_host_step_is_skipped(monkeypatch):
 
 def test_training_through_garbage_never_reaches_parameters():
   """A loop where two of every three batches carry NaN or Inf activations."""
-  opt = cgalr_jax.cgalr(0.05, backend="device", window=4, min_history=2)
+  opt = cgalr_jax.cgalr(0.05, every=1, backend="device", window=4, min_history=2)
   params = {"w": jax.random.normal(jax.random.key(0), (8, 5))}
   state = opt.init(params)
 
@@ -206,7 +208,7 @@ def test_training_through_garbage_never_reaches_parameters():
 BOUNDARIES = {
     "window": ([2, 3], [1, 0, 2.0]),
     "min_history": ([1, 20], [0, 21]),
-    # enter_z must exceed the default exit_z = 0.25.
+    # enter_z must exceed exit_z (0.25 here), exit_z stay below enter_z (1).
     "enter_z": ([0.25 + 1e-6, 5.0], [0.25, 0.0, -1e-6, math.inf, math.nan]),
     "exit_z": ([0.0, 0.999], [-1e-9, 1.0, 1.5]),
     "boost": ([1.0 + 1e-6, 2.0], [1.0, 0.99, math.inf]),
@@ -223,7 +225,8 @@ BOUNDARIES = {
 
 
 # Arguments whose range depends on another one get a compatible partner.
-PARTNERS = {"window": {"min_history": 1}}
+PARTNERS = {"window": {"min_history": 1}, "enter_z": {"exit_z": 0.25},
+            "exit_z": {"enter_z": 1.0}}
 
 
 @pytest.mark.parametrize("name", sorted(BOUNDARIES))

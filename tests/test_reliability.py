@@ -64,7 +64,7 @@ def _assert_trees_identical(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-OPTIMIZER = cgalr_jax.cgalr(0.1, min_history=3, window=6)
+OPTIMIZER = cgalr_jax.cgalr(0.1, every=1, min_history=3, window=6)
 
 # ---------------------------------------------------------------------------
 # Checkpoints and determinism.
@@ -108,7 +108,7 @@ def test_checkpoint_resume_is_bit_identical(tmp_path, how):
 
 
 def test_ten_thousand_steps_in_scan_keep_fixed_state_and_finite_values():
-  opt = cgalr_jax.scale_by_connectome(backend="device", resolution=16,
+  opt = cgalr_jax.scale_by_connectome(every=1, backend="device", resolution=16,
                                       window=8, min_history=3)
   params = {"w": jnp.zeros((4,))}
   state = opt.init(params)
@@ -155,7 +155,9 @@ REORGANISING = lambda t: 0.05 * (1.0 + 0.2 * t)  # noqa: E731
 
 
 def test_per_layer_gates_follow_their_own_layers():
-  kwargs = dict(backend="device", window=6, min_history=3, resolution=64)
+  # The trailing score: a steady fall of the distance reads as stability.
+  kwargs = dict(every=1, backend="device", window=6, min_history=3,
+                resolution=64, score="trailing")
   labels = {"a": "a", "b": "b"}
   per_layer = optax.multi_transform(
       {"a": cgalr_jax.scale_by_connectome(select="a", **kwargs),
@@ -183,8 +185,8 @@ def test_per_layer_gates_follow_their_own_layers():
 def test_select_by_path_and_callable_read_the_same_part():
   acts = {"enc": {"h": jax.random.normal(jax.random.key(0), (16, 6))},
           "other": jnp.zeros((16, 3))}
-  by_path = cgalr_jax.scale_by_connectome(select=("enc", "h"), backend="device")
-  by_fn = cgalr_jax.scale_by_connectome(select=lambda a: a["enc"]["h"],
+  by_path = cgalr_jax.scale_by_connectome(every=1, select=("enc", "h"), backend="device")
+  by_fn = cgalr_jax.scale_by_connectome(every=1, select=lambda a: a["enc"]["h"],
                                         backend="device")
   params = {"w": jnp.ones(2)}
   s1 = by_path.update(params, by_path.init(params), activations=acts)[1]
