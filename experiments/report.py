@@ -1,37 +1,138 @@
-"""Collects benchmark summaries into the tables of experiments/README.md.
+"""Summaries, tables and plots of the experiments (reads results; no JAX).
 
-Run: ``python -m experiments.report experiments/results`` (one sub-folder per
-dataset, each holding the ``summary.json`` of ``experiments.benchmark``).
+* :func:`summarise` builds the ``summary.json`` object of
+  ``experiments.benchmark`` from per-method numpy results;
+  :func:`table` renders it; :func:`plot` draws ``curves.png`` and
+  ``cgalr_scale.png``; :func:`noise_health` is the probe's health check.
+* ``python -m experiments.report experiments/results`` (one sub-folder per
+  dataset, each holding a ``summary.json``) prints every dataset's table and
+  the claim table: CG-ALR (TOP) against the best SGD schedule, the best
+  Adam schedule, DoG, Prodigy, its own ungated envelope and the two timing
+  controls. "Best" is chosen by mean final *validation* accuracy (test data
+  never pick a baseline). A comparison is a win when RED's 95% CI lies
+  below 0, a loss when it lies above 0, and a tie otherwise.
 
-Prints every dataset's table and the claim table: CG-ALR (TOP) against the
-best SGD schedule, the best Adam schedule, DoG and its own ungated envelope.
-"Best" is chosen by mean final *validation* accuracy (test data never pick a
-baseline). A comparison is a win when RED's 95% CI lies below 0, a loss
-when it lies above 0, and a tie otherwise.
+This module imports numpy, scipy (through ``stats``) and matplotlib only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from experiments import benchmark
+from experiments import stats
 
 ORDER = ("digits", "mnist1d", "mnist5k", "cora", "citeseer")
-SGD_FAMILY = ("sgd_const", "sgd_step", "sgd_exp", "sgd_cosine", "plateau")
-ADAM_FAMILY = ("adam_const", "adam_cosine")
+REFERENCE = "cgalr_top"
+GATE_CODES = "gate codes: -1 BRAKE (scale x brake), 0 HOLD, +1 BOOST (scale x boost)"
+RED_MEANING = ("RED = (err_cgalr_top - err_base) / err_base per seed, paired; "
+               "negative: CG-ALR (TOP) makes fewer test errors. win: 95% CI "
+               "below 0, loss: above 0, tie: otherwise.")
 
 
-def best_by_val(summary: dict, names) -> str:
-  present = [n for n in names if n in summary["methods"]]
-  return max(present, key=lambda n: np.mean(
-      [v if v is not None else 0.0 for v in summary["methods"][n]["val_acc"]]))
+def finite_list(a) -> list:
+  return [None if not math.isfinite(float(v)) else float(v)
+          for v in np.ravel(a)]
 
 
-def verdict(red: dict) -> str:
+def lag1(x) -> float:
+  """Lag-1 autocorrelation of a series (NaN below 3 finite points)."""
+  x = np.asarray(x, np.float64)
+  x = x[np.isfinite(x)]
+  if x.size < 3 or np.std(x[:-1]) == 0 or np.std(x[1:]) == 0:
+    return float("nan")
+  return float(np.corrcoef(x[:-1], x[1:])[0, 1])
+
+
+def noise_health(measurements: Sequence[Mapping[str, np.ndarray]]) -> dict:
+  """The noise-floor check of a CG-ALR run (DESIGN.md 2, Noise floor).
+
+  Per run: the median of distance / noise over measurements, and the
+  correlation of the log distance series of the even and the odd half (a
+  fixed probe's halves agree, 0.9+; a batch stream's do not). Means over
+  runs. Needs runs traced with ``noise=True``.
+  """
+  ratios, agree, acs = [], [], []
+  for m in measurements:
+    d, n = np.asarray(m["distance"]), np.asarray(m["noise"])
+    ok = (d > 0) & (n > 0)
+    if ok.any():
+      ratios.append(float(np.median(d[ok] / n[ok])))
+    e, o = np.asarray(m["even_distance"]), np.asarray(m["odd_distance"])
+    ok2 = (e > 0) & (o > 0)
+    if ok2.sum() >= 3:
+      agree.append(float(np.corrcoef(np.log(e[ok2]), np.log(o[ok2]))[0, 1]))
+    if (d > 0).sum() >= 3:
+      acs.append(lag1(np.log(d[d > 0])))
+  mean = lambda v: float(np.nanmean(v)) if v else None  # noqa: E731
+  return {"distance_over_noise": mean(ratios), "halves_agreement": mean(agree),
+          "lag1_autocorr_log_distance": mean(acs)}
+
+
+def summarise(dataset: str, seeds: int, results: Mapping[str, dict],
+              n_test: int) -> dict:
+  """The ``summary.json`` object (the documented schema plus extra keys).
+
+  ``results[name]`` holds numpy ``test_acc``, ``val_acc``, ``train_loss``
+  (``[seeds, epochs]``), ``wall_s``, ``lr``, ``family`` and optionally
+  ``tuning``, ``lr_from``, ``trace``, ``noise_health``.
+  """
+  out: dict[str, Any] = {"dataset": dataset, "seeds": seeds, "methods": {},
+                         "red": {}}
+  for name, r in results.items():
+    test_final = r["test_acc"][:, -1]
+    mean, low, high = stats.mean_ci(np.nan_to_num(test_final, nan=0.0))
+    out["methods"][name] = {
+        "family": r.get("family"),
+        "test_acc": finite_list(test_final),
+        "final_train_loss": finite_list(r["train_loss"][:, -1]),
+        "wall_s": r["wall_s"],
+        "lr": r["lr"],
+        "val_acc": finite_list(r["val_acc"][:, -1]),
+        "test_acc_mean": mean, "test_acc_ci": [low, high],
+        "curve_test_acc": finite_list(np.nanmean(r["test_acc"], axis=0)),
+        "curve_val_acc": finite_list(np.nanmean(r["val_acc"], axis=0)),
+        "curve_train_loss": finite_list(np.nanmean(r["train_loss"], axis=0)),
+    }
+    for extra in ("tuning", "lr_from", "trace", "noise_health"):
+      if extra in r:
+        out["methods"][name][extra] = r[extra]
+  if REFERENCE in results:
+    ref = np.nan_to_num(results[REFERENCE]["test_acc"][:, -1], nan=0.0)
+    for name, r in results.items():
+      if name == REFERENCE:
+        continue
+      base = np.nan_to_num(r["test_acc"][:, -1], nan=0.0)
+      out["red"][name] = stats.red(ref, base, floor=1.0 / n_test)
+  return out
+
+
+def trace_summary(scale: np.ndarray, z: np.ndarray, gate: np.ndarray) -> dict:
+  """Seed-0 CG-ALR trace (downsampled to <= 1000 points) and gate counts."""
+  n = scale.shape[1]
+  every = max(1, math.ceil(n / 1000))
+  return {
+      "every": every,
+      "scale": finite_list(scale[0, ::every]),
+      "z": finite_list(z[0, ::every]),
+      "gate": [int(g) for g in gate[0, ::every]],
+      "final_scale": finite_list(scale[:, -1]),
+      "fraction_brake": float(np.mean(gate == -1)),
+      "fraction_boost": float(np.mean(gate == 1)),
+      "fraction_hold": float(np.mean(gate == 0)),
+  }
+
+
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+  return "n/a" if x is None else format(x, spec)
+
+
+def verdict(red: Mapping[str, Any]) -> str:
   if red["ci_high"] is not None and red["ci_high"] < 0:
     return "win"
   if red["ci_low"] is not None and red["ci_low"] > 0:
@@ -39,40 +140,154 @@ def verdict(red: dict) -> str:
   return "tie"
 
 
+def table(summary: dict) -> str:
+  """Markdown table: method, lr, test accuracy +- 95% CI, RED of cgalr_top."""
+  lines = [f"### {summary['dataset']} ({summary['seeds']} seeds)", "",
+           "| method | family | lr | test acc (mean ± 95% CI) | RED "
+           "cgalr_top vs it [95% CI] | wall s |",
+           "|---|---|---|---|---|---|"]
+  for name, m in summary["methods"].items():
+    low, high = m["test_acc_ci"]
+    half = None if low is None else (high - low) / 2
+    acc = f"{m['test_acc_mean']:.4f} ± {_fmt(half)}"
+    lr = "—" if m["lr"] is None else f"{m['lr']:.3g}"
+    r = summary["red"].get(name)
+    red = "—" if r is None else (f"{r['mean']:+.3f} [{_fmt(r['ci_low'], '+.3f')},"
+                                 f" {_fmt(r['ci_high'], '+.3f')}]")
+    lines.append(f"| {name} | {m.get('family') or '—'} | {lr} | {acc} | "
+                 f"{red} | {m['wall_s']:.0f} |")
+  return "\n".join(lines) + "\n"
+
+
+# Families of summaries written before summary.json recorded them.
+_LEGACY_FAMILY = {"sgd_const": "sgd", "sgd_step": "sgd", "sgd_exp": "sgd",
+                  "sgd_cosine": "sgd", "plateau": "sgd", "adam_const": "adam",
+                  "adam_cosine": "adam"}
+
+
+def best_by_val(summary: dict, family: str) -> str | None:
+  present = [n for n, m in summary["methods"].items()
+             if (m.get("family") or _LEGACY_FAMILY.get(n)) == family]
+  if not present:
+    return None
+  return max(present, key=lambda n: np.mean(
+      [v if v is not None else 0.0 for v in summary["methods"][n]["val_acc"]]))
+
+
 def claim_rows(summary: dict) -> list[str]:
-  m = summary["methods"]["cgalr_top"]
+  m = summary["methods"][REFERENCE]
   low, high = m["test_acc_ci"]
   rows = []
-  for label, name in (("best SGD", best_by_val(summary, SGD_FAMILY)),
-                      ("best Adam", best_by_val(summary, ADAM_FAMILY)),
+  for label, name in (("best SGD", best_by_val(summary, "sgd")),
+                      ("best Adam", best_by_val(summary, "adam")),
                       ("DoG", "dog"), ("prodigy", "prodigy"),
-                      ("RM envelope", "rm_envelope")):
+                      ("RM envelope", "rm_envelope"),
+                      ("shuffled z", "cgalr_shuffled"),
+                      ("open-loop replay", "cgalr_replay")):
+    if name is None or name not in summary["red"]:
+      continue
     r = summary["red"][name]
     rows.append(
         f"| {summary['dataset']} | {m['test_acc_mean']:.4f} "
-        f"[{low:.4f}, {high:.4f}] | {label}: {name} "
+        f"[{_fmt(low)}, {_fmt(high)}] | {label}: {name} "
         f"({summary['methods'][name]['test_acc_mean']:.4f}) | "
-        f"{r['mean']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | "
-        f"{verdict(r)} |")
+        f"{r['mean']:+.3f} [{_fmt(r['ci_low'], '+.3f')}, "
+        f"{_fmt(r['ci_high'], '+.3f')}] | {verdict(r)} |")
   return rows
 
 
-def main() -> None:
+def one_line_verdict(summary: dict) -> str:
+  """What the gate bought on this run, in one line."""
+  red = summary["red"]
+  if REFERENCE not in summary["methods"]:
+    return "verdict: cgalr_top was not run."
+  parts = []
+  for name, label in (("rm_envelope", "its ungated envelope"),
+                      ("cgalr_shuffled", "the shuffled-z control"),
+                      ("cgalr_replay", "the open-loop replay")):
+    if name in red:
+      parts.append(f"{verdict(red[name])} vs {label} "
+                   f"(RED {red[name]['mean']:+.3f})")
+  if not parts:
+    return "verdict: no envelope or control in this run to judge the gate."
+  return ("verdict: CG-ALR (TOP) " + "; ".join(parts) + f" over "
+          f"{summary['seeds']} seeds" + (
+              " -- too few seeds for a claim (the protocol asks for >= 10)."
+              if summary["seeds"] < 10 else "."))
+
+
+def plot(summary: dict, results: Mapping[str, dict], out: Path) -> None:
+  """``curves.png`` and, with gated CG-ALR runs, ``cgalr_scale.png``."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, ax = plt.subplots(figsize=(8, 5))
+  colours = plt.get_cmap("tab20").colors
+  for i, (name, m) in enumerate(summary["methods"].items()):
+    curve = np.array([np.nan if v is None else v for v in m["curve_test_acc"]])
+    style = "-" if name.startswith("cgalr") else "--"
+    ax.plot(np.arange(1, len(curve) + 1), curve, style, label=name,
+            color=colours[(2 * i) % 20 + (2 * i) // 20],
+            linewidth=2.2 if name == REFERENCE else 1.2)
+  ax.set_xlabel("epoch")
+  ax.set_ylabel(f"test accuracy (mean of {summary['seeds']} seeds)")
+  ax.set_title(f"{summary['dataset']}: test accuracy")
+  finals = [m["test_acc_mean"] for m in summary["methods"].values()]
+  ax.set_ylim(max(0.0, min(finals) - 0.15), min(1.0, max(finals) + 0.03))
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(out / "curves.png", dpi=110)
+  plt.close(fig)
+
+  gated = [n for n in results if "scale" in results[n]]
+  if not gated:
+    return
+  fig, axes = plt.subplots(4, len(gated), figsize=(6 * len(gated), 9),
+                           sharex="col", squeeze=False)
+  for j, name in enumerate(gated):
+    r = results[name]
+    steps = np.arange(r["scale"].shape[1])
+    for i in range(r["scale"].shape[0]):
+      axes[0, j].plot(steps, r["scale"][i], alpha=0.9 if i == 0 else 0.3,
+                      linewidth=1.2 if i == 0 else 0.7)
+    d, n = r["distance"][0], r["noise"][0]
+    axes[1, j].semilogy(steps, np.where(d > 0, d, np.nan), linewidth=0.8,
+                        label="distance")
+    if np.any(n > 0):
+      axes[1, j].semilogy(steps, np.where(n > 0, n, np.nan), linewidth=0.8,
+                          label="noise floor")
+    axes[1, j].legend(fontsize=7)
+    axes[2, j].plot(steps, r["z"][0], linewidth=0.7)
+    axes[3, j].step(steps, r["gate"][0], where="post", linewidth=0.7)
+    axes[0, j].set_title(f"{summary['dataset']} {name}")
+    axes[0, j].set_ylabel("scale (all seeds)")
+    axes[1, j].set_ylabel("distance (seed 0)")
+    axes[2, j].set_ylabel("z (seed 0)")
+    axes[3, j].set_ylabel("gate (seed 0)")
+    axes[3, j].set_yticks([-1, 0, 1], ["brake", "hold", "boost"])
+    axes[3, j].set_xlabel("step")
+  fig.tight_layout()
+  fig.savefig(out / "cgalr_scale.png", dpi=110)
+  plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("results", type=Path)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   summaries = []
   for name in ORDER:
     path = args.results / name / "summary.json"
     if path.exists():
       summaries.append(json.loads(path.read_text()))
   for s in summaries:
-    print(benchmark.table(s))
+    print(table(s))
   print("| dataset | cgalr_top test acc [95% CI] | baseline (its acc) | "
         "RED [95% CI] | verdict |")
   print("|---|---|---|---|---|")
   for s in summaries:
-    if "cgalr_top" in s["methods"]:
+    if REFERENCE in s["methods"]:
       print("\n".join(claim_rows(s)))
 
 
