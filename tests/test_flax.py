@@ -8,9 +8,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
+import cgalr_jax
+import cgalr_jax.flax
 from cgalr_jax import connectome
 from cgalr_jax.flax import (ConnectomeTap, apply_with_activations,
                             call_with_activations, capture_layers, tap)
@@ -169,3 +172,151 @@ def test_call_with_activations_inside_nnx_jit_and_grad():
 def test_tap_on_a_non_module_raises_type_error(not_a_module):
   with pytest.raises(TypeError, match="Module"):
     tap(not_a_module, jnp.ones((2, 2)))
+
+
+# ----------------------------------------------------------------------------
+# probe: the transform's own signal source for Linen and NNX models.
+
+PROBE_X = np.random.default_rng(1).normal(size=(64, 6)).astype(np.float32)
+PROBE_Y = (PROBE_X[:, 0] > 0).astype(np.int32)
+
+
+class LinenBNNet(nn.Module):
+  """Dense -> BatchNorm -> ReLU -> Dropout -> Dense: train and eval differ."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Dense(16, name="hidden")(x)
+    x = nn.BatchNorm(use_running_average=not train, name="bn")(x)
+    x = nn.relu(x)
+    x = nn.Dropout(0.5, deterministic=not train)(x)
+    return nn.Dense(2)(x)
+
+
+def test_linen_probe_reads_named_layers_after_the_nonlinearity():
+  model = LinenBNNet()
+  variables = model.init(jax.random.key(0), PROBE_X)
+  fn = cgalr_jax.flax.probe(model, PROBE_X, layers={"bn": nn.relu},
+                            variables={"batch_stats": variables["batch_stats"]},
+                            train=False)
+  got = fn(variables["params"])["bn"]
+  # Reference: the same forward pass written out in NumPy (inference mode).
+  p, bs = variables["params"], variables["batch_stats"]["bn"]
+  h = PROBE_X @ np.asarray(p["hidden"]["kernel"]) + np.asarray(
+      p["hidden"]["bias"])
+  h = (h - np.asarray(bs["mean"])) / np.sqrt(np.asarray(bs["var"]) + 1e-5)
+  h = h * np.asarray(p["bn"]["scale"]) + np.asarray(p["bn"]["bias"])
+  np.testing.assert_allclose(np.asarray(got), np.maximum(h, 0), rtol=1e-4,
+                             atol=1e-5)
+  # Deterministic: no dropout, nothing written back.
+  np.testing.assert_array_equal(np.asarray(fn(p)["bn"]), np.asarray(got))
+  with pytest.raises(ValueError, match="no submodule"):
+    cgalr_jax.flax.probe(model, PROBE_X, layers=["nope"], variables={
+        "batch_stats": variables["batch_stats"]})(p)
+  with pytest.raises(TypeError, match="layers"):
+    cgalr_jax.flax.probe(model, PROBE_X, layers="bn")
+
+
+def test_conv_channels_after_the_nonlinearity_are_not_degenerate():
+  class Conv(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Conv(8, (3, 3), name="conv")(x)
+
+  # Digit-like images: ink inside a blank border. Every 3x3 shift of the
+  # image then has the same sum, so each pooled raw channel is an affine
+  # function of one number per image.
+  x = np.zeros((64, 12, 12, 1), np.float32)
+  x[:, 1:-1, 1:-1] = np.random.default_rng(2).random(size=(64, 10, 10, 1))
+  model = Conv()
+  params = model.init(jax.random.key(0), x)["params"]
+  raw = cgalr_jax.flax.probe(model, x, layers=["conv"])(params)
+  post = cgalr_jax.flax.probe(model, x, layers={"conv": nn.relu})(params)
+  m_raw = np.asarray(cgalr_jax.connectome(raw))
+  m_post = np.asarray(cgalr_jax.connectome(post))
+  off = ~np.eye(8, dtype=bool)
+  # Pooled channels of a linear map of a 1-channel input: every |rho| ~ 1.
+  assert np.all(m_raw[off] > 0.999)
+  assert np.median(m_post[off]) < 0.9
+
+
+def test_unmodified_trainstate_loop_measures_through_the_probe():
+  from flax.training import train_state  # pylint: disable=import-outside-toplevel
+  model = LinenBNNet()
+  variables = model.init(jax.random.key(0), PROBE_X)
+  fn = cgalr_jax.flax.probe(model, PROBE_X, layers={"bn": nn.relu},
+                            variables={"batch_stats": variables["batch_stats"]},
+                            train=False)
+  tx = cgalr_jax.cgalr(0.05, probe=fn, every=2)
+  state = train_state.TrainState.create(apply_fn=model.apply,
+                                        params=variables["params"], tx=tx)
+
+  def train_step(state, batch_stats, key):
+    def loss_fn(params):
+      logits, new = model.apply(
+          {"params": params, "batch_stats": batch_stats}, PROBE_X, train=True,
+          rngs={"dropout": key}, mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(
+          logits, PROBE_Y).mean()
+      return loss, new["batch_stats"]
+    (_, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    return state.apply_gradients(grads=grads), batch_stats
+
+  step = jax.jit(train_step, donate_argnums=(0,))
+  batch_stats = variables["batch_stats"]
+  for t in range(6):
+    state, batch_stats = step(state, batch_stats, jax.random.key(t))
+  d = cgalr_jax.diagnostics(state.opt_state)
+  assert int(d["measured"]) == 3 and int(d["skipped"]) == 0
+  assert float(d["distance"]) > 0
+
+
+class NNXBNNet(nnx.Module):
+
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(6, 16, rngs=rngs)
+    self.bn = nnx.BatchNorm(16, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.out = nnx.Linear(16, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(self.drop(nnx.relu(self.bn(self.hidden(x)))))
+
+
+def test_nnx_probe_runs_in_eval_mode_on_the_given_params():
+  model = NNXBNNet(nnx.Rngs(0))
+  fn = cgalr_jax.flax.probe(model, PROBE_X, layers={"hidden": nnx.relu})
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  got = np.asarray(fn(params)["hidden"])
+  k = np.asarray(params["hidden"]["kernel"])
+  b = np.asarray(params["hidden"]["bias"])
+  np.testing.assert_allclose(got, np.maximum(PROBE_X @ k + b, 0), rtol=1e-5,
+                             atol=1e-5)
+  # Other params give other signals: the probe reads what it is given.
+  shifted = jax.tree.map(lambda v: v + 1.0, params)
+  assert not np.allclose(np.asarray(fn(shifted)["hidden"]), got)
+  # The model itself is untouched (still in training mode).
+  assert model.drop.deterministic is False
+
+
+def test_unmodified_nnx_optimizer_loop_measures_through_the_probe():
+  model = NNXBNNet(nnx.Rngs(0))
+  fn = cgalr_jax.flax.probe(model, PROBE_X, layers={"hidden": nnx.relu})
+  optimizer = nnx.Optimizer(model, cgalr_jax.cgalr(0.05, probe=fn, every=2),
+                            wrt=nnx.Param)
+
+  @nnx.jit(donate_argnums=(0, 1))
+  def train_step(model, optimizer):
+    def loss_fn(model):
+      return optax.softmax_cross_entropy_with_integer_labels(
+          model(PROBE_X), PROBE_Y).mean()
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  for _ in range(6):
+    train_step(model, optimizer)
+  d = cgalr_jax.diagnostics(optimizer.opt_state)
+  assert int(d["measured"]) == 3 and int(d["skipped"]) == 0
+  assert float(d["distance"]) > 0
