@@ -29,6 +29,9 @@ Z_EPS = 1e-6
 # in [0, 1]; below this, two connectomes differ by rounding noise only, and
 # "identical" must not read as an outlier against a history of near-zeros.
 MIN_DISTANCE = 1e-12
+# A robust line needs this many past points before the detrended score uses
+# it.
+MIN_TREND_POINTS = 5
 
 
 def is_concrete(value: Any) -> bool:
@@ -161,7 +164,8 @@ def robust_z(history: jax.Array, count: jax.Array, value: jax.Array,
     score: ``"trailing"``: ``(value - median) / (1.4826 MAD + eps)``.
       ``"detrended"``: the same on residuals from the Theil-Sen line of the
       history against measurement age, evaluated at the current measurement
-      (falls back to trailing below 3 points, where a line means nothing).
+      (falls back to trailing below ``MIN_TREND_POINTS`` points: through
+      three or four points the residuals' MAD is often exactly 0).
 
   Returns:
     float32 score; 0 when the buffer is empty.
@@ -175,7 +179,8 @@ def robust_z(history: jax.Array, count: jax.Array, value: jax.Array,
     pair = filled[:, None] & filled[None, :] & (dx > 0)
     slopes = jnp.where(pair, (past[:, None] - past[None, :]) / jnp.where(
         pair, dx, 1.0), jnp.nan)
-    slope = jnp.where(jnp.sum(filled) >= 3, jnp.nanmedian(slopes), 0.0)
+    slope = jnp.where(jnp.sum(filled) >= MIN_TREND_POINTS,
+                      jnp.nanmedian(slopes), 0.0)
     past = past - slope * x  # residuals up to the intercept; current at x=0
   med = jnp.nanmedian(past)
   mad = jnp.nanmedian(jnp.abs(past - med))

@@ -214,3 +214,61 @@ def test_next_scale_values(maybe_jit):
   assert float(step(jnp.float32(1.0), jnp.int32(HOLD))) == 1.0
   assert float(step(jnp.float32(0.4), jnp.int32(BRAKE))) == 0.25  # clipped
   assert float(step(jnp.float32(2.0), jnp.int32(BOOST))) == 3.0   # clipped
+
+
+# ----------------------------------------------------------------------------
+# Detrended score and GateConfig.
+
+
+def theil_sen_z(past_oldest_first, value):
+  """Brute-force reference: residuals from the median pairwise slope."""
+  past = np.asarray(past_oldest_first, np.float64)
+  x = np.arange(-len(past), 0, dtype=np.float64)
+  slope = np.median([(past[i] - past[j]) / (x[i] - x[j])
+                     for i in range(len(past)) for j in range(i)])
+  resid = past - slope * x
+  med = np.median(resid)
+  return (value - med) / (1.4826 * np.median(np.abs(resid - med)) + 1e-6)
+
+
+@pytest.mark.parametrize("pushes", [5, 7, 12])
+def test_detrended_z_matches_a_brute_force_theil_sen_reference(pushes):
+  rng = np.random.default_rng(pushes)
+  # A falling trend with noise, pushed through a window-5 ring buffer so the
+  # buffer wraps.
+  values = -0.3 * np.arange(pushes) + 0.1 * rng.normal(size=pushes)
+  history, count = jnp.zeros(5, jnp.float32), jnp.int32(0)
+  for v in values:
+    history, count = gate.push(history, count, jnp.float32(v))
+  current = -0.3 * pushes + 0.5
+  got = float(gate.robust_z(history, count, jnp.float32(current),
+                            "detrended"))
+  want = theil_sen_z(values[-5:], current)
+  assert got == pytest.approx(want, rel=1e-3, abs=1e-3)
+
+
+def test_detrended_score_reads_a_steady_fall_as_normal():
+  history, count = jnp.zeros(10, jnp.float32), jnp.int32(0)
+  for t in range(10):
+    history, count = gate.push(history, count, jnp.float32(-0.5 * t))
+  on_trend = jnp.float32(-5.0)  # the next point of the line
+  trailing = float(gate.robust_z(history, count, on_trend, "trailing"))
+  detrended = float(gate.robust_z(history, count, on_trend, "detrended"))
+  assert trailing < -1.0  # the fall itself reads as "more stable"
+  assert abs(detrended) < 1e-2
+
+
+def test_gate_config_validates_and_accepts_arrays():
+  gate.GateConfig()
+  gate.GateConfig(enter_z=jnp.float32(2.0), boost=np.float64(1.1))
+  for bad in (dict(window=1), dict(min_history=0), dict(min_history=21),
+              dict(enter_z=0.0), dict(exit_z=2.0), dict(boost=1.0),
+              dict(brake=1.0), dict(min_scale=0.0), dict(max_scale=0.5),
+              dict(score="mean"), dict(enter_z=jnp.float32(-1.0))):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=rf"GateConfig: {name} must"):
+      gate.GateConfig(**bad)
+  # Traced values cannot be checked and pass through (inject_hyperparams).
+  jax.jit(lambda e: gate.GateConfig(enter_z=e).enter_z * 2)(jnp.float32(1.0))
+  with pytest.raises(TypeError, match="static_args"):
+    jax.jit(lambda w: gate.GateConfig(window=w))(jnp.int32(4))

@@ -63,7 +63,7 @@ def reference_top(m1, m2):
 def reference_score(logs, value, score):
   """Robust z of ``value`` against past log distances ``logs`` (oldest first)."""
   past = np.array(logs, np.float64)
-  if score == "detrended" and len(past) >= 3:
+  if score == "detrended" and len(past) >= 5:
     x = np.arange(-len(past), 0, dtype=np.float64)  # the current one at 0
     slopes = [(past[i] - past[j]) / (x[i] - x[j])
               for i in range(len(past)) for j in range(i)]
@@ -602,3 +602,12 @@ def test_diagnostics_stacks_several_states_and_raises_when_absent():
     diagnostics(optax.sgd(0.1).init(PARAMS))
   with pytest.raises(ValueError, match="no scale_by_connectome state"):
     diagnostics(optax.chain(optax.trace(0.9), optax.sgd(0.1)).init(PARAMS))
+
+
+def test_detrended_trajectory_matches_reference_simulation():
+  cfg = dict(CONFIG, score="detrended", window=6, min_history=5)
+  opt = scale_by_connectome(backend="device", **cfg)
+  ref = reference_run(ACTS, cfg=cfg)
+  assert {t["gate"] for t in ref[6:]} != {HOLD}  # the gate does act
+  assert_matches_reference(trace_of(run(jax.jit(opt.update), ACTS, opt=opt)),
+                           ref)
