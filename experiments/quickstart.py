@@ -1,8 +1,13 @@
 """A complete Flax training loop with CG-ALR on scikit-learn's digits.
 
 Run: ``python -m experiments.quickstart [--steps 400]``. It prints the test
-accuracy and a trace of the learning-rate scale, z score and gate state.
-This file is the loop shown in README.md.
+accuracy, a trace of the distance, noise floor, z score, gate and scale,
+and the noise-floor health check of the probe. This file is the loop shown
+in README.md.
+
+The connectome is read from a fixed probe set (512 training samples, drawn
+once) by the transform itself, on measuring steps only, so the training
+step is an ordinary Optax step: ``optimizer.update(grads, state, params)``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import optax
 from sklearn.datasets import load_digits
 
 import cgalr_jax
-from cgalr_jax.flax import apply_with_activations, tap
+from cgalr_jax.flax import probe, tap
+
+PROBE_SIZE = 512
 
 
 class MLP(nn.Module):
@@ -40,33 +47,38 @@ def digits_split(seed: int = 0):
 
 
 def train(steps: int = 400, batch_size: int = 128, seed: int = 0):
-  """Train the MLP with ``cgalr``; returns (test accuracy, diagnostics trace)."""
+  """Train the MLP with ``cgalr``; returns (test accuracy, per-step trace).
+
+  Each trace entry holds ``cgalr_jax.diagnostics`` after the step (distance,
+  z, gate, scale, measured, skipped, noise, even_distance, odd_distance)
+  and the loss.
+  """
   (x_train, y_train), (x_test, y_test) = digits_split(seed)
   model = MLP()
   params = model.init(jax.random.key(seed), x_train[:1])["params"]
-  optimizer = cgalr_jax.cgalr(cgalr_jax.robbins_monro(0.1, t0=200.0))
+  rng = np.random.default_rng(seed)
+  # The probe: a fixed set of training samples, chosen once.
+  probe_x = x_train[rng.choice(len(y_train), PROBE_SIZE, replace=False)]
+  optimizer = cgalr_jax.cgalr(cgalr_jax.robbins_monro(0.1, t0=200.0),
+                              probe=probe(model, probe_x), noise=True)
   opt_state = optimizer.init(params)
 
   @jax.jit
   def train_step(params, opt_state, x, y):
     def loss_fn(p):
-      logits, activations = apply_with_activations(model, {"params": p}, x)
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-      return loss, activations
+      logits = model.apply({"params": p}, x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    (loss, activations), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params)
-    updates, opt_state = optimizer.update(grads, opt_state, params,
-                                          activations=activations)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   @jax.jit
   def accuracy(params, x, y):
     return jnp.mean(jnp.argmax(model.apply({"params": params}, x), -1) == y)
 
-  rng = np.random.default_rng(seed)
   trace = []
-  for step in range(steps):
+  for _ in range(steps):
     idx = rng.choice(len(y_train), batch_size, replace=False)
     params, opt_state, loss = train_step(params, opt_state, x_train[idx],
                                          y_train[idx])
@@ -75,23 +87,67 @@ def train(steps: int = 400, batch_size: int = 128, seed: int = 0):
   return float(accuracy(params, x_test, y_test)), trace
 
 
+def measurements(trace):
+  """The trace entries at which a new distance was measured."""
+  out, last = [], 0
+  for t in trace:
+    if t["measured"] > last and t["distance"] > 0:
+      out.append(t)
+    last = t["measured"]
+  return out
+
+
+def noise_check(trace) -> dict:
+  """The probe's health check (DESIGN.md 2, Noise floor).
+
+  ``distance_over_noise``: median of distance / noise (a fixed probe's
+  consecutive distance carries no sampling noise, so it may sit below 1).
+  ``halves_agreement``: correlation of the log distance series of the even
+  and the odd half of the probe (a healthy fixed probe: 0.9 or more).
+  ``lag1_autocorr``: lag-1 autocorrelation of log distance.
+  """
+  ms = measurements(trace)
+  d = np.array([t["distance"] for t in ms])
+  n = np.array([t["noise"] for t in ms])
+  e = np.array([t["even_distance"] for t in ms])
+  o = np.array([t["odd_distance"] for t in ms])
+  ok = (e > 0) & (o > 0)
+  log_d = np.log(d)
+  return {
+      "measurements": len(ms),
+      "distance_over_noise": float(np.median(d / np.maximum(n, 1e-30))),
+      "halves_agreement": float(np.corrcoef(np.log(e[ok]),
+                                            np.log(o[ok]))[0, 1]),
+      "lag1_autocorr": float(np.corrcoef(log_d[:-1], log_d[1:])[0, 1]),
+  }
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=400)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
   acc, trace = train(args.steps, seed=args.seed)
-  print(f"{'step':>5} {'loss':>8} {'distance':>10} {'z':>7} {'gate':>5} "
-        f"{'scale':>7}")
-  for step in range(0, len(trace), max(1, len(trace) // 20)):
-    t = trace[step]
-    print(f"{step:5d} {t['loss']:8.4f} {t['distance']:10.4g} {t['z']:7.2f} "
-          f"{int(t['gate']):5d} {t['scale']:7.3f}")
-  gates = [int(t["gate"]) for t in trace]
+  ms = measurements(trace)
+  print(f"{'step':>5} {'loss':>8} {'distance':>10} {'noise':>10} {'z':>7} "
+        f"{'gate':>5} {'scale':>7}")
+  step_of = {id(t): i for i, t in enumerate(trace)}
+  for t in ms[::max(1, len(ms) // 20)]:
+    print(f"{step_of[id(t)]:5d} {t['loss']:8.4f} {t['distance']:10.4g} "
+          f"{t['noise']:10.4g} {t['z']:7.2f} {int(t['gate']):5d} "
+          f"{t['scale']:7.3f}")
+  gates = [int(t["gate"]) for t in ms]
+  check = noise_check(trace)
   print(f"test accuracy {acc:.4f}; scale range "
         f"[{min(t['scale'] for t in trace):.3f}, "
-        f"{max(t['scale'] for t in trace):.3f}]; steps braking "
-        f"{gates.count(-1)}, boosting {gates.count(1)}, holding {gates.count(0)}")
+        f"{max(t['scale'] for t in trace):.3f}]; measurements "
+        f"{check['measurements']}: braking {gates.count(-1)}, boosting "
+        f"{gates.count(1)}, holding {gates.count(0)}")
+  print(f"noise floor: distance/noise (median) "
+        f"{check['distance_over_noise']:.3g}; the probe halves' "
+        f"log-distance series correlate {check['halves_agreement']:.3f} "
+        f"(healthy fixed probe: >= 0.9); lag-1 autocorrelation of log "
+        f"distance {check['lag1_autocorr']:.3f}")
 
 
 if __name__ == "__main__":

@@ -100,5 +100,7 @@ def test_robbins_monro_envelope_converges_past_the_noise_floor():
   assert rm_final < 0.02 * initial
   assert rm_losses[-200:].mean() < rm_losses[-600:-400].mean()
   diag = cgalr_jax.diagnostics(rm_state)
-  assert int(diag["measured"]) >= steps - 1   # w0 = 0: one dead first batch
+  every = cgalr_jax.transform.DEFAULT_EVERY
+  # Every 10th update measures; w0 = 0 may make the first batch dead.
+  assert int(diag["measured"]) >= steps // every - 1
   assert 0.1 <= float(diag["scale"]) <= 4.0
