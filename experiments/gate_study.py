@@ -57,7 +57,6 @@ def _v(name, every=10, **gate):
 VARIANTS = [
     _v("trail_z1.5", score="trailing"),
     _v("trail_z1.0", score="trailing", enter_z=1.0, exit_z=0.25),
-    _v("trail_z2.0", score="trailing", enter_z=2.0),
     _v("detr_z1.5"),
     _v("detr_z1.0", enter_z=1.0, exit_z=0.25),
     _v("detr_z2.0", enter_z=2.0),
@@ -65,6 +64,8 @@ VARIANTS = [
     _v("detr_z1.0_f1.1", enter_z=1.0, exit_z=0.25, **SYM),
     _v("detr_z1.5_w10", window=10),
     _v("detr_z1.5_epoch", every="epoch"),
+    _v("detr_z1.0_epoch", enter_z=1.0, exit_z=0.25, every="epoch"),
+    _v("detr_z1.5_f1.1_epoch", every="epoch", **SYM),
     _v("trail_z1.5_epoch", score="trailing", every="epoch"),
 ]
 PIN_LIMIT = 0.5
@@ -252,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--datasets", default=",".join(DATASETS))
   parser.add_argument("--extra-datasets", default="",
                       help="run after the main study (e.g. mnist5k)")
-  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--seeds", type=int, default=5)
   parser.add_argument("--epochs", type=int, default=None)
   parser.add_argument("--data-dir", default=None)
   parser.add_argument("--table-only", action="store_true")
