@@ -1,24 +1,34 @@
-"""Persistent-homology summaries of a connectome and the distances between them.
+"""Birth/death sets of a connectome, their quantile summaries and TOP.
 
-DESIGN.md section 2, "Birth/death sets and TOP", "Fixed-size summaries" and
-"WD".
+DESIGN.md section 2, "Birth/death sets and TOP" and "Fixed-size summaries".
 
-* TOP: the graph filtration of the complete graph weighted by ``M``. Its
-  birth set is the multiset of maximum-spanning-tree weights (P - 1 values),
-  its death set every other edge weight. The optimizer keeps a K-point
-  quantile summary of each sorted set; two backends compute it: ``device``
-  (pure JAX, stays on the accelerator) and ``host`` (NumPy/SciPy through
-  ``jax.pure_callback``).
-* WD: Vietoris-Rips persistence of ``D = sqrt(1 - M)`` with ripser (H0 without
-  its infinite bar, and H1), compared with the 1-Wasserstein distance of
-  persistence diagrams (Euclidean ground metric, diagonal matching). Host only.
+TOP reads the graph filtration of the complete graph weighted by ``M``. Its
+birth set is the multiset of maximum-spanning-tree weights (P - 1 values),
+its death set every other edge weight. The optimizer keeps a K-point quantile
+summary of each sorted set, ``q_k = x[floor((k + 1/2) n / K)]``; two backends
+compute it, both exactly (bit for bit what indexing the fully sorted sets
+gives):
 
-Exact ``top_distance`` and ``wd_distance`` are public for analysis and tests.
+* ``host`` (NumPy/SciPy through ``jax.pure_callback``): the spanning tree of
+  the heaviest edges, completed by Boruvka rounds when they do not connect
+  every node; one in-place sort of the edges for the death quantiles.
+* ``device`` (pure JAX, stays on the accelerator): Prim's algorithm on
+  integer keys; the death quantiles by radix selection (three counting
+  passes over the edges) instead of a sort once the graph is large.
+
+Both read ``M`` as a symmetric matrix, as :func:`cgalr_jax.connectome`
+returns it (the spanning tree reads rows, the death set the upper triangle).
+
+The exact ``top_distance`` is public for analysis and tests. The WD distance
+lives in :mod:`cgalr_jax.wd`; its names are re-exported here for code written
+before the split.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +39,14 @@ import numpy as np
 
 
 def set_sizes(num_nodes: int) -> tuple[int, int]:
-  """``(n_b, n_d)``: sizes of the birth and death sets of a P-node graph."""
+  """Sizes of the birth and death sets of a complete graph.
+
+  Args:
+    num_nodes: P.
+
+  Returns:
+    ``(n_b, n_d)``: ``(P - 1, P (P - 1) / 2 - (P - 1))``, or zeros for P < 2.
+  """
   p = int(num_nodes)
   if p < 2:
     return 0, 0
@@ -38,12 +55,20 @@ def set_sizes(num_nodes: int) -> tuple[int, int]:
 
 
 def quantile_ranks(n: int, resolution: int) -> np.ndarray:
-  """Ranks ``floor((k + 1/2) n / K)`` of the K-point summary of n sorted values."""
+  """Ranks of the K-point summary of n sorted values.
+
+  Args:
+    n: number of values.
+    resolution: K.
+
+  Returns:
+    int64 ``[K]``: ``floor((k + 1/2) n / K)``, computed in integers.
+  """
   k = np.arange(resolution, dtype=np.int64)
   return ((2 * k + 1) * int(n)) // (2 * resolution)
 
 
-def _death_ranks_to_edge_ranks(removed: np.ndarray | jax.Array, ranks, xp):
+def _death_ranks_to_edge_ranks(removed, ranks, xp):
   """Positions in the sorted edge list of the given death-set ranks.
 
   ``removed`` holds the (ascending, distinct) positions of the birth edges in
@@ -66,10 +91,21 @@ def _birth_positions(edges_sorted, births_sorted, xp):
 
 
 # ----------------------------------------------------------------------------
-# Exact birth/death sets on the host.
+# Exact birth/death sets on the host (the plain reference path).
 
 
-def _as_host_matrix(m) -> np.ndarray:
+def host_matrix(m) -> np.ndarray:
+  """A connectome as a float32 NumPy ``[P, P]`` matrix (no copy if it is one).
+
+  Args:
+    m: array-like ``[P, P]``.
+
+  Returns:
+    float32 NumPy array.
+
+  Raises:
+    ValueError: if ``m`` is not square.
+  """
   m = np.asarray(m, dtype=np.float32)
   if m.ndim != 2 or m.shape[0] != m.shape[1]:
     raise ValueError(f"connectome must be a square [P, P] matrix, got {m.shape}.")
@@ -96,17 +132,19 @@ def _upper_edges(m: np.ndarray) -> np.ndarray:
 def max_spanning_tree_weights(m) -> np.ndarray:
   """Weights of a maximum spanning tree of the complete graph ``M`` (host).
 
-  A maximum spanning tree of ``M`` is a minimum spanning tree of ``-M``,
-  which is what single-linkage clustering computes; its merge heights are the
-  tree's (negated) edge weights, so every weight comes back bit for bit.
-  (``1 - M`` would lose weights below ~1e-8 to float64 rounding.) scipy's
-  single linkage is an O(P^2) Prim in C, the fastest exact spanning tree
-  measured on the host (README, Performance).
+  Reads the upper triangle only. A maximum spanning tree of ``M`` is a
+  minimum spanning tree of ``-M``, which is what single-linkage clustering
+  computes; its merge heights are the tree's (negated) edge weights, so every
+  weight comes back bit for bit. (``1 - M`` would lose weights below ~1e-8 to
+  float64 rounding.)
+
+  Args:
+    m: ``[P, P]`` connectome.
 
   Returns:
     float32 array of ``P - 1`` weights, sorted ascending.
   """
-  m = _as_host_matrix(m)
+  m = host_matrix(m)
   if m.shape[0] < 2:
     return np.zeros((0,), np.float32)
   return _tree_weights_from_edges(_upper_edges(m))
@@ -122,62 +160,21 @@ def _tree_weights_from_edges(edges: np.ndarray) -> np.ndarray:
 
 
 def birth_death_sets(m) -> tuple[np.ndarray, np.ndarray]:
-  """Exact sorted birth set ``B(M)`` and death set ``D(M)`` (host, float32)."""
-  m = _as_host_matrix(m)
+  """Exact sorted birth set ``B(M)`` and death set ``D(M)`` (host).
+
+  Args:
+    m: ``[P, P]`` connectome (the upper triangle is read).
+
+  Returns:
+    ``(births, deaths)``: float32 arrays of ``n_b`` and ``n_d`` values
+    (:func:`set_sizes`), each sorted ascending.
+  """
+  m = host_matrix(m)
   if m.shape[0] < 2:
     return np.zeros((0,), np.float32), np.zeros((0,), np.float32)
   edges = _upper_edges(m)
   births = _tree_weights_from_edges(edges)
   return births, _multiset_difference(np.sort(edges), births)
-
-
-def top_distance(m1, m2) -> float:
-  """Exact TOP distance between two connectomes with the same node count.
-
-  ``sum_i (b_i - b'_i)^2 + sum_j (d_j - d'_j)^2`` over the sorted birth and
-  death sets (Songdechakraiwut et al., ICLR 2022).
-
-  Example:
-    >>> import numpy as np
-    >>> from cgalr_jax import top_distance
-    >>> m = np.array([[0, .9, .1], [.9, 0, .5], [.1, .5, 0]], np.float32)
-    >>> round(top_distance(m, m), 6)
-    0.0
-  """
-  m1, m2 = _as_host_matrix(m1), _as_host_matrix(m2)
-  if m1.shape != m2.shape:
-    raise ValueError(
-        f"top_distance needs equal node counts, got {m1.shape} and {m2.shape}.")
-  b1, d1 = birth_death_sets(m1)
-  b2, d2 = birth_death_sets(m2)
-  return float(np.sum((b1.astype(np.float64) - b2) ** 2)
-               + np.sum((d1.astype(np.float64) - d2) ** 2))
-
-
-# ----------------------------------------------------------------------------
-# K-point TOP summaries: host and device backends.
-
-
-def top_summary_host(m, resolution: int) -> np.ndarray:
-  """``[2, K]`` float32 quantile summary (births, deaths) computed with NumPy."""
-  m = _as_host_matrix(m)
-  n_b, n_d = set_sizes(m.shape[0])
-  out = np.zeros((2, resolution), np.float32)
-  if n_b == 0:
-    return out
-  edges = _upper_edges(m)
-  births = _tree_weights_from_edges(edges)
-  out[0] = births[quantile_ranks(n_b, resolution)]
-  if n_d:
-    # A full sort of the edges: NumPy's vectorised sort (~10 ns per edge
-    # here) beat every exact order-statistics scheme measured (bucket
-    # counting with bincount, np.partition at the K ranks), see README.
-    edges.sort()  # in place: ``edges`` is a fresh gather
-    removed = _birth_positions(edges, births, np)
-    ranks = _death_ranks_to_edge_ranks(
-        removed, quantile_ranks(n_d, resolution), np)
-    out[1] = edges[ranks]
-  return out
 
 
 def _multiset_difference(values_sorted: np.ndarray,
@@ -188,79 +185,453 @@ def _multiset_difference(values_sorted: np.ndarray,
   return values_sorted[keep]
 
 
-def max_spanning_tree_weights_device(m: jax.Array) -> jax.Array:
-  """Maximum-spanning-tree weights with Prim's algorithm in JAX (unsorted).
+def top_distance(m1, m2) -> float:
+  """Exact TOP distance between two connectomes with the same node count.
 
-  O(P^2) work in P - 1 vector steps; stays on the device under ``jit``.
+  ``sum_i (b_i - b'_i)^2 + sum_j (d_j - d'_j)^2`` over the sorted birth and
+  death sets (Songdechakraiwut et al., ICLR 2022).
+
+  Args:
+    m1: ``[P, P]`` connectome.
+    m2: ``[P, P]`` connectome.
+
+  Returns:
+    The distance as a Python float (accumulated in float64).
+
+  Example:
+    >>> import numpy as np
+    >>> from cgalr_jax import top_distance
+    >>> m = np.array([[0, .9, .1], [.9, 0, .5], [.1, .5, 0]], np.float32)
+    >>> round(top_distance(m, m), 6)
+    0.0
   """
-  m = jnp.asarray(m)  # a NumPy matrix cannot be indexed by a traced argmax
+  m1, m2 = host_matrix(m1), host_matrix(m2)
+  if m1.shape != m2.shape:
+    raise ValueError(
+        f"top_distance needs equal node counts, got {m1.shape} and {m2.shape}.")
+  b1, d1 = birth_death_sets(m1)
+  b2, d2 = birth_death_sets(m2)
+  return float(np.sum((b1.astype(np.float64) - b2) ** 2)
+               + np.sum((d1.astype(np.float64) - d2) ** 2))
+
+
+# ----------------------------------------------------------------------------
+# Fast exact host summary.
+
+# The spanning tree starts from the heaviest ~8 P edges. Enough that they
+# usually connect every node of a real connectome, few enough that SciPy's
+# sparse spanning tree on them costs little next to the O(P^2) passes.
+_HEAVY_EDGES_PER_NODE = 8
+# Below this many edges (P < 725) SciPy's dense single-linkage tree is as
+# fast: the sparse route has a fixed cost of about a millisecond.
+_SPARSE_TREE_MIN_EDGES = 1 << 18
+# Threshold sample size: the threshold only steers speed, never the result.
+_THRESHOLD_SAMPLE = 1 << 14
+
+
+@functools.lru_cache(maxsize=8)
+def _row_starts(num_nodes: int) -> np.ndarray:
+  """Condensed index of edge ``(i, i + 1)`` for every row i (cached per P)."""
+  i = np.arange(num_nodes, dtype=np.int64)
+  starts = i * num_nodes - i * (i + 1) // 2
+  starts.flags.writeable = False
+  return starts
+
+
+def _condensed_pairs(positions: np.ndarray,
+                     num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(i, j)``, ``i < j``, of condensed (row-major upper) edge positions."""
+  starts = _row_starts(num_nodes)
+  rows = np.searchsorted(starts, positions, side="right") - 1
+  return rows, positions - starts[rows] + rows + 1
+
+
+def _heavy_threshold(edges: np.ndarray, count: int) -> np.float32:
+  """A weight with roughly ``count`` edges at or above it (from a sample)."""
+  stride = max(1, edges.shape[0] // _THRESHOLD_SAMPLE)
+  sample = edges[::stride]
+  keep = min(sample.shape[0], max(1, -(-sample.shape[0] * count
+                                      // edges.shape[0])))
+  return np.partition(sample, sample.shape[0] - keep)[sample.shape[0] - keep]
+
+
+def _tree_weights_host(m: np.ndarray, edges: np.ndarray) -> np.ndarray:
+  """Maximum-spanning-tree weights of a symmetric ``M`` (unsorted float32).
+
+  Exact, by two facts about the unique maximum spanning tree ``T`` under the
+  strict order "heavier first, then lower edge index" (edge index = condensed
+  position, i.e. ``(i, j)`` lexicographic):
+
+  1. The spanning forest of the edges at or above any threshold, taken in
+     that order, is part of ``T`` (Kruskal takes those edges first).
+  2. Every component's best outgoing edge in that order is in ``T`` (cut
+     property), so Boruvka rounds complete the forest to ``T``.
+
+  The weight multiset of ``T`` is that of every maximum spanning tree.
+
+  Args:
+    m: ``[P, P]`` symmetric float32 connectome, P >= 2.
+    edges: its condensed upper-triangle weights (``_upper_edges(m)``).
+
+  Returns:
+    float32 ``[P - 1]`` tree weights in no particular order.
+  """
+  from scipy import sparse  # pylint: disable=import-outside-toplevel
+  from scipy.sparse import csgraph  # pylint: disable=import-outside-toplevel
+
+  p, n = m.shape[0], edges.shape[0]
+  if n < _SPARSE_TREE_MIN_EDGES:
+    return _tree_weights_from_edges(edges)
+  target = _HEAVY_EDGES_PER_NODE * p
+  heavy = np.flatnonzero(edges >= _heavy_threshold(edges, target))
+  if heavy.shape[0] > 4 * target:
+    # Ties at the threshold (quantised or mostly-dead connectomes): the dense
+    # tree has a fixed O(P^2) cost, the sparse one would not.
+    return _tree_weights_from_edges(edges)
+  weights = edges[heavy]
+  # Kruskal's order, heavier first and ties by edge index, from one int64
+  # sort of (descending-weight key, index into ``heavy``); ``heavy`` is
+  # ascending, so the index orders ties like the edge index does.
+  bits = np.negative(weights).view(np.int32)
+  keys = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).astype(np.int64) << 32
+  keys |= np.arange(heavy.shape[0], dtype=np.int64)
+  keys.sort()
+  kruskal = (keys & 0xFFFFFFFF).astype(np.intp)  # heavy indices in order
+  rank = np.empty(heavy.shape[0], np.float64)
+  rank[kruskal] = np.arange(1, heavy.shape[0] + 1)
+  # SciPy's spanning tree then sees distinct weights (the ranks), so its
+  # forest is exactly the one of fact 1 whatever algorithm it runs.
+  # ``heavy`` is row-major, so the CSR arrays come without a COO sort.
+  rows, cols = _condensed_pairs(heavy, p)
+  graph = sparse.csr_matrix(
+      (rank, cols, np.searchsorted(rows, np.arange(p + 1))), shape=(p, p))
+  forest = csgraph.minimum_spanning_tree(graph)
+  chosen = [weights[kruskal[forest.data.astype(np.intp) - 1]]]
+  if forest.nnz < p - 1:
+    num_comp, labels = csgraph.connected_components(forest, directed=False)
+    chosen.append(_boruvka_completion(m, labels, num_comp))
+  return np.concatenate(chosen).astype(np.float32, copy=False)
+
+
+def _boruvka_completion(m: np.ndarray, labels: np.ndarray,
+                        num_comp: int) -> np.ndarray:
+  """Weights of the tree edges that join the components of a partial tree.
+
+  Each round, every component except the largest takes its best outgoing
+  edge (heavier first, then lower ``(i, j)``); every component merges at
+  least once per round, and the rows read per round are those outside the
+  largest component.
+
+  Args:
+    m: ``[P, P]`` symmetric connectome.
+    labels: component of every node in a forest that is part of the tree.
+    num_comp: number of components (> 1).
+
+  Returns:
+    float32 weights of the ``num_comp - 1`` joining edges.
+  """
+  from scipy import sparse  # pylint: disable=import-outside-toplevel
+  from scipy.sparse import csgraph  # pylint: disable=import-outside-toplevel
+
   p = m.shape[0]
-  neg = jnp.asarray(-jnp.inf, m.dtype)
-  in_tree = jnp.zeros((p,), bool).at[0].set(True)
-  best = jnp.where(in_tree, neg, m[0])
-  births = jnp.zeros((p - 1,), m.dtype)
+  joined = []
+  while num_comp > 1:
+    largest = np.argmax(np.bincount(labels, minlength=num_comp))
+    nodes = np.flatnonzero(labels != largest)
+    comp = labels[nodes]
+    rows = m[nodes]  # a copy: own-component columns are masked next
+    rows[comp[:, None] == labels[None, :]] = -np.inf
+    # Row argmax takes the first maximum, the lowest j: for a fixed i that
+    # is the lowest (min(i, j), max(i, j)), the order of fact 2.
+    other = np.argmax(rows, axis=1)
+    weight = rows[np.arange(nodes.shape[0]), other]
+    edge = np.minimum(nodes, other) * p + np.maximum(nodes, other)
+    order = np.lexsort((edge, np.negative(weight), comp))
+    first = order[np.r_[True, comp[order][1:] != comp[order][:-1]]]
+    # Two components may pick the same edge; it joins them once.
+    _, once = np.unique(edge[first], return_index=True)
+    pick = first[once]
+    joined.append(weight[pick])
+    links = sparse.csr_matrix(
+        (np.ones(pick.shape[0]), (comp[pick], labels[other[pick]])),
+        shape=(num_comp, num_comp))
+    before = num_comp
+    num_comp, merged = csgraph.connected_components(links, directed=False)
+    if num_comp == before:
+      # Only non-finite weights can stall a round (a row of -inf picks an
+      # own-component column); stop rather than loop.
+      raise ValueError("connectome has non-finite edge weights.")
+    labels = merged[labels]
+  return np.concatenate(joined)
+
+
+def top_summary_host(m, resolution: int) -> np.ndarray:
+  """K-point quantile summary of the birth and death sets (host, exact).
+
+  Args:
+    m: ``[P, P]`` symmetric connectome.
+    resolution: K.
+
+  Returns:
+    float32 ``[2, K]``: row 0 the birth quantiles, row 1 the death
+    quantiles (zeros where a set is empty).
+
+  Raises:
+    ValueError: if ``m`` is not square or has a non-finite edge weight.
+  """
+  m = host_matrix(m)
+  n_b, n_d = set_sizes(m.shape[0])
+  out = np.zeros((2, resolution), np.float32)
+  if n_b == 0:
+    return out
+  edges = _upper_edges(m)  # a fresh gather: sorted in place below
+  if not (np.isfinite(edges.min()) and np.isfinite(edges.max())):
+    raise ValueError("connectome has non-finite edge weights.")
+  births = np.sort(_tree_weights_host(m, edges))
+  edges.sort()
+  out[0] = births[quantile_ranks(n_b, resolution)]
+  if n_d:
+    removed = _birth_positions(edges, births, np)
+    ranks = _death_ranks_to_edge_ranks(
+        removed, quantile_ranks(n_d, resolution), np)
+    out[1] = edges[ranks]
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Device backend.
+
+# Below this many edges (P <= 256) a sort is as fast as the radix
+# selection's fixed cost (tables and prefix sums) on XLA:CPU.
+_RADIX_MIN_EDGES = 1 << 15
+# Radix digits, most significant first; they must add up to 32 bits.
+_RADIX_DIGITS = (16, 8, 8)
+_INT32_MIN = np.int32(np.iinfo(np.int32).min)
+
+
+def _float_keys(x: jax.Array) -> jax.Array:
+  """int32 keys whose integer order is the float order (``-0.0 < +0.0``).
+
+  Flipping the magnitude bits of negative floats does it, and the map is its
+  own inverse (:func:`_keys_to_floats`). Integer compares and sorts are also
+  several times faster than float ones on XLA:CPU (no NaN semantics).
+  """
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  return bits ^ (jax.lax.shift_right_arithmetic(bits, jnp.int32(31))
+                 & jnp.int32(0x7FFFFFFF))
+
+
+def _keys_to_floats(keys: jax.Array) -> jax.Array:
+  flip = jax.lax.shift_right_arithmetic(keys, jnp.int32(31)) & jnp.int32(
+      0x7FFFFFFF)
+  return jax.lax.bitcast_convert_type(keys ^ flip, jnp.float32)
+
+
+def _sort_floats(x: jax.Array) -> jax.Array:
+  """Exact ascending sort of float32 values through their integer keys."""
+  return _keys_to_floats(jax.lax.sort(_float_keys(x)))
+
+
+def _tree_keys_device(m: jax.Array) -> jax.Array:
+  """Prim's algorithm on the keys of ``M``: the tree's weight keys, unsorted.
+
+  O(P^2) work in P - 1 vector steps. On integer keys the per-step argmax is a
+  plain integer reduction, about twice as fast as the float one on XLA:CPU.
+  """
+  keys = _float_keys(m)
+  p = m.shape[0]
+  in_tree = jnp.arange(p) == 0
+  best = jnp.where(in_tree, _INT32_MIN, keys[0])
 
   def step(i, carry):
     in_tree, best, births = carry
     j = jnp.argmax(best)
     births = births.at[i].set(best[j])
     in_tree = in_tree.at[j].set(True)
-    best = jnp.where(in_tree, neg, jnp.maximum(best, m[j]))
+    best = jnp.where(in_tree, _INT32_MIN, jnp.maximum(best, keys[j]))
     return in_tree, best, births
 
-  _, _, births = jax.lax.fori_loop(0, p - 1, step, (in_tree, best, births))
+  _, _, births = jax.lax.fori_loop(
+      0, p - 1, step, (in_tree, best, jnp.zeros((p - 1,), jnp.int32)))
   return births
 
 
-def _sort_floats(x: jax.Array) -> jax.Array:
-  """Ascending sort of float32 values through their integer bit patterns.
+def max_spanning_tree_weights_device(m: jax.Array) -> jax.Array:
+  """Maximum-spanning-tree weights with Prim's algorithm in JAX (unsorted).
 
-  Flipping the magnitude bits of negative floats makes int32 order equal to
-  float order (``-0.0`` just below ``+0.0``), so the sort is exact. XLA:CPU
-  sorts int32 about 5x faster than float32, whose comparator must handle
-  NaN; on GPU both are radix sorts and the two bit flips are free.
+  O(P^2) work in P - 1 vector steps; stays on the device under ``jit``.
+
+  Args:
+    m: ``[P, P]`` symmetric connectome, P >= 2.
+
+  Returns:
+    float32 ``[P - 1]`` tree weights in the order Prim adds them.
   """
-  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
-  flip = jax.lax.shift_right_arithmetic(bits, jnp.int32(31)) & jnp.int32(
-      0x7FFFFFFF)
-  keys = jax.lax.sort(bits ^ flip)
-  flip = jax.lax.shift_right_arithmetic(keys, jnp.int32(31)) & jnp.int32(
-      0x7FFFFFFF)
-  return jax.lax.bitcast_convert_type(keys ^ flip, jnp.float32)
+  return _keys_to_floats(_tree_keys_device(jnp.asarray(m, jnp.float32)))
+
+
+def _radix_digit(keys: jax.Array, shift: int, bits: int) -> jax.Array:
+  """Digit of the unsigned key order (sign bit flipped), as int32."""
+  unsigned = jax.lax.bitcast_convert_type(keys ^ _INT32_MIN, jnp.uint32)
+  return ((unsigned >> shift) & ((1 << bits) - 1)).astype(jnp.int32)
+
+
+def _count(index: jax.Array, removed_index: jax.Array, size: int) -> jax.Array:
+  """Histogram of ``index`` minus that of ``removed_index`` (out of range: dropped)."""
+  counts = jnp.zeros((size,), jnp.int32).at[index].add(1, mode="drop")
+  return counts.at[removed_index].add(-1, mode="drop")
+
+
+def _slot_ids(bucket: jax.Array) -> jax.Array:
+  """Dense ids 0, 1, ... of the distinct values of a non-decreasing array."""
+  change = (bucket[1:] != bucket[:-1]).astype(jnp.int32)
+  return jnp.cumsum(jnp.concatenate([jnp.zeros((1,), jnp.int32), change]))
+
+
+def _select_keys_device(keys: jax.Array, removed: jax.Array,
+                        ranks: np.ndarray) -> jax.Array:
+  """Order statistics of a multiset difference, by radix selection (exact).
+
+  Finds, for every rank r, the key of rank r of ``keys`` minus the multiset
+  ``removed`` (a sub-multiset of ``keys``), without sorting: one counting
+  pass per digit. The first pass counts the leading digit of every key; the
+  later passes count the next digit only inside the buckets the ranks fell
+  in, one row per distinct bucket (at most K), so the state stays
+  ``K x 2^bits`` whatever the data. Ties need no care: a bucket of the last
+  digit holds one key value.
+
+  Args:
+    keys: int32 keys (:func:`_float_keys`) ``[n]``.
+    removed: int32 keys ``[m]`` to take out, one copy each.
+    ranks: static ascending ranks ``[K]`` (any sequence), each below
+      ``n - m``.
+
+  Returns:
+    int32 keys ``[K]``.
+  """
+  ranks = np.asarray(ranks)
+  num = ranks.shape[0]
+  rank = jnp.asarray(ranks, jnp.int32)
+  shift = 32 - _RADIX_DIGITS[0]
+  digit, removed_digit = (_radix_digit(k, shift, _RADIX_DIGITS[0])
+                          for k in (keys, removed))
+  counts = _count(digit, removed_digit, 1 << _RADIX_DIGITS[0])
+  cumulative = jnp.cumsum(counts)
+  bucket = jnp.searchsorted(cumulative, rank, side="right",
+                            method="scan_unrolled").astype(jnp.int32)
+  rank = rank - (cumulative[bucket] - counts[bucket])
+  prefix = bucket  # the key's leading digits found so far
+  slot = _slot_ids(bucket)
+  table = jnp.full((1 << _RADIX_DIGITS[0],), -1, jnp.int32).at[bucket].set(
+      slot)
+  key_slot = table[digit]
+  removed_slot = table[removed_digit]
+  for level, bits in enumerate(_RADIX_DIGITS[1:], start=1):
+    shift -= bits
+    width = 1 << bits
+    digit, removed_digit = (_radix_digit(k, shift, bits)
+                            for k in (keys, removed))
+    outside = num * width  # index past the table: dropped by the count
+    counts = _count(jnp.where(key_slot >= 0, key_slot * width + digit, outside),
+                    jnp.where(removed_slot >= 0,
+                              removed_slot * width + removed_digit, outside),
+                    num * width).reshape(num, width)
+    cumulative = jnp.cumsum(counts[slot], axis=1)
+    bucket = jnp.sum(cumulative <= rank[:, None], axis=1, dtype=jnp.int32)
+    below = jnp.take_along_axis(
+        cumulative, jnp.maximum(bucket - 1, 0)[:, None], axis=1)[:, 0]
+    rank = rank - jnp.where(bucket > 0, below, 0)
+    prefix = prefix * width + bucket
+    if level < len(_RADIX_DIGITS) - 1:
+      key = slot * width + bucket
+      next_slot = _slot_ids(key)
+      table = jnp.full((num * width,), -1, jnp.int32).at[key].set(next_slot)
+      key_slot = jnp.where(key_slot >= 0,
+                           table[jnp.maximum(key_slot, 0) * width + digit], -1)
+      removed_slot = jnp.where(
+          removed_slot >= 0,
+          table[jnp.maximum(removed_slot, 0) * width + removed_digit], -1)
+      slot = next_slot
+  unsigned = prefix.astype(jnp.uint32)
+  return jax.lax.bitcast_convert_type(unsigned, jnp.int32) ^ _INT32_MIN
 
 
 def top_summary_device(m: jax.Array, resolution: int) -> jax.Array:
-  """``[2, K]`` float32 quantile summary (births, deaths), pure JAX."""
+  """K-point quantile summary of the birth and death sets (pure JAX, exact).
+
+  Args:
+    m: ``[P, P]`` symmetric connectome.
+    resolution: K.
+
+  Returns:
+    float32 ``[2, K]``: row 0 the birth quantiles, row 1 the death
+    quantiles (zeros where a set is empty). Bit-identical to
+    :func:`top_summary_host`.
+  """
+  return _top_summary_device(m, resolution, radix=None)
+
+
+def _top_summary_device(m, resolution: int, radix: bool | None) -> jax.Array:
+  """:func:`top_summary_device`; ``radix`` None picks the selection by size."""
   m = jnp.asarray(m, jnp.float32)
   p = m.shape[0]
   n_b, n_d = set_sizes(p)
   if n_b == 0:
     return jnp.zeros((2, resolution), jnp.float32)
-  births = _sort_floats(max_spanning_tree_weights_device(m))
-  birth_q = births[quantile_ranks(n_b, resolution)]
+  births = jax.lax.sort(_tree_keys_device(m))
+  birth_q = _keys_to_floats(births[quantile_ranks(n_b, resolution)])
   if n_d == 0:
     return jnp.stack([birth_q, jnp.zeros_like(birth_q)])
   flat = np.flatnonzero(_upper_mask(p)).astype(np.int32)
-  edges = _sort_floats(m.reshape(-1)[flat])
-  removed = _birth_positions(edges, births, jnp)
-  ranks = _death_ranks_to_edge_ranks(
-      removed, jnp.asarray(quantile_ranks(n_d, resolution)), jnp)
-  return jnp.stack([birth_q, edges[ranks]])
+  edges = _float_keys(m.reshape(-1)[flat])
+  death_ranks = quantile_ranks(n_d, resolution)
+  if radix is None:
+    radix = edges.shape[0] >= _RADIX_MIN_EDGES
+  if radix:
+    death_q = _select_keys_device(edges, births, death_ranks)
+  else:
+    edges = jax.lax.sort(edges)
+    removed = _birth_positions(edges, births, jnp)
+    death_q = edges[_death_ranks_to_edge_ranks(
+        removed, jnp.asarray(death_ranks), jnp)]
+  return jnp.stack([birth_q, _keys_to_floats(death_q)])
 
 
 def top_summary_distance(ref: jax.Array, cur: jax.Array,
                          num_nodes: int) -> jax.Array:
-  """``TOP_K`` between two ``[2, K]`` summaries of P-node connectomes."""
+  """``TOP_K`` between two summaries of P-node connectomes.
+
+  Args:
+    ref: ``[..., 2, K]`` summary.
+    cur: ``[..., 2, K]`` summary.
+    num_nodes: P (static).
+
+  Returns:
+    ``(n_b / K) sum (qb - qb')^2 + (n_d / K) sum (qd - qd')^2``.
+  """
   n_b, n_d = set_sizes(num_nodes)
   k = ref.shape[-1]
   sq = jnp.sum(jnp.square(ref - cur), axis=-1)
   return (n_b / k) * sq[..., 0] + (n_d / k) * sq[..., 1]
 
 
-def _host_callback(fn, result_shape, *args):
+# ----------------------------------------------------------------------------
+# Leaving jit for the host.
+
+
+def host_callback(fn, result_shape, *args):
   """``jax.pure_callback`` that turns any host exception into ``ok=False``.
 
-  ``fn`` returns a tuple matching ``result_shape`` minus the trailing flag.
+  Args:
+    fn: host function of NumPy arrays returning a tuple matching
+      ``result_shape`` minus the trailing flag.
+    result_shape: tuple of ``jax.ShapeDtypeStruct``, the last one a scalar
+      bool (the flag).
+    *args: arrays passed to ``fn``.
+
+  Returns:
+    ``fn``'s outputs followed by ``ok``; zeros and False when ``fn`` raised
+    or returned a non-finite float.
   """
 
   def guarded(*host_args):
@@ -281,121 +652,48 @@ def _host_callback(fn, result_shape, *args):
 
 
 def top_summary_via_host(m: jax.Array, resolution: int):
-  """Host TOP summary from inside ``jit``: returns ``(summary, ok)``."""
+  """Host TOP summary from inside ``jit``.
+
+  Args:
+    m: ``[P, P]`` connectome (traced).
+    resolution: K.
+
+  Returns:
+    ``(summary, ok)``: the ``[2, K]`` summary of :func:`top_summary_host`
+    and whether the host step succeeded (zeros when not).
+  """
   shape = (jax.ShapeDtypeStruct((2, resolution), jnp.float32),
            jax.ShapeDtypeStruct((), jnp.bool_))
-  summary, ok = _host_callback(
-      functools.partial(lambda x, k: (top_summary_host(x, k),), k=resolution),
-      shape, m)
+  # Looked up at call time so tests can count or fail host calls.
+  summary, ok = host_callback(
+      lambda x: (top_summary_host(x, resolution),), shape, m)
   return summary, ok
 
 
 # ----------------------------------------------------------------------------
-# WD: Vietoris-Rips diagrams and their Wasserstein distance.
+# WD names, re-exported from cgalr_jax.wd for code written before the split.
+# They are properties of this module's class: read on use (wd imports this
+# module, so it cannot be imported here first), and setting one here sets it
+# in wd, so code and tests that patch the old location still reach the WD
+# pipeline.
+
+_WD_NAMES = ("persistence_diagrams", "diagram_distance", "wd_distance",
+             "wd_summary_host", "wd_measure_via_host")
 
 
-def persistence_diagrams(m) -> tuple[np.ndarray, np.ndarray]:
-  """Vietoris-Rips H0 (finite bars only) and H1 diagrams of ``sqrt(1 - M)``."""
-  import ripser  # pylint: disable=import-outside-toplevel
+def _wd_property(name: str) -> property:
 
-  m = _as_host_matrix(m).astype(np.float64)
-  dist = np.sqrt(np.clip(1.0 - m, 0.0, 1.0))
-  np.fill_diagonal(dist, 0.0)
-  dgms = ripser.ripser(dist, maxdim=1, distance_matrix=True)["dgms"]
-  h0 = dgms[0][np.isfinite(dgms[0][:, 1])]
-  h1 = dgms[1][np.isfinite(dgms[1][:, 1])]
-  return h0, h1
+  def get(_):
+    from cgalr_jax import wd  # pylint: disable=import-outside-toplevel
+    return getattr(wd, name)
 
+  def put(_, value):
+    from cgalr_jax import wd  # pylint: disable=import-outside-toplevel
+    setattr(wd, name, value)
 
-def diagram_distance(dgm1, dgm2, *, p: float = 1) -> float:
-  """p-Wasserstein distance between two persistence diagrams.
-
-  Euclidean ground metric; a point may instead be matched to the diagonal at
-  its Euclidean distance ``(death - birth) / sqrt(2)``. For ``p = 1`` this is
-  the convention of ``persim.wasserstein``. Points with zero persistence
-  (padding) cost nothing and are dropped first.
-  """
-  from scipy.optimize import linear_sum_assignment  # pylint: disable=import-outside-toplevel
-
-  def clean(d):
-    d = np.asarray(d, np.float64).reshape(-1, 2)
-    return d[np.isfinite(d).all(axis=1) & (d[:, 1] > d[:, 0])]
-
-  a, b = clean(dgm1), clean(dgm2)
-  na, nb = a.shape[0], b.shape[0]
-  if na + nb == 0:
-    return 0.0
-  diag_a = ((a[:, 1] - a[:, 0]) / np.sqrt(2.0)) ** p
-  diag_b = ((b[:, 1] - b[:, 0]) / np.sqrt(2.0)) ** p
-  if na == 0 or nb == 0:
-    return float((np.sum(diag_a) + np.sum(diag_b)) ** (1.0 / p))
-  # An na x nb assignment instead of the textbook (na + nb)^2 one with
-  # diagonal slots (same optimum, several times faster): pairing a_i with
-  # b_j costs at most sending both to the diagonal, min(|a_i - b_j|^p,
-  # diag_i + diag_j), and a pair taken at the diagonal price is two
-  # diagonal matches. Every point of the larger diagram left unpaired goes
-  # to the diagonal.
-  # Euclidean ground distance, as ``np.linalg.norm(..., axis=-1)`` computes
-  # it but without its generic reduction (10x faster for 2-vectors).
-  gap_birth = a[:, None, 0] - b[None, :, 0]
-  gap_death = a[:, None, 1] - b[None, :, 1]
-  pair = np.sqrt(gap_birth * gap_birth + gap_death * gap_death) ** p
-  both_to_diagonal = diag_a[:, None] + diag_b[None, :]
-  rows, cols = linear_sum_assignment(np.minimum(pair, both_to_diagonal)
-                                     - both_to_diagonal)
-  unpaired_a = np.ones(na, bool)
-  unpaired_a[rows] = False
-  unpaired_b = np.ones(nb, bool)
-  unpaired_b[cols] = False
-  total = (np.sum(np.minimum(pair[rows, cols], both_to_diagonal[rows, cols]))
-           + np.sum(diag_a[unpaired_a]) + np.sum(diag_b[unpaired_b]))
-  return float(total ** (1.0 / p))
+  return property(get, put, doc=f"``cgalr_jax.wd.{name}`` (re-exported).")
 
 
-def wd_distance(m1, m2, *, p: float = 1) -> float:
-  """Wasserstein distance between the Vietoris-Rips diagrams of two connectomes.
-
-  ``W_p(H0, H0') + W_p(H1, H1')`` on ``D = sqrt(1 - M)`` (DESIGN.md 2, WD).
-  Cost grows like O(P^3) or worse: use a node budget for large P.
-
-  Example:
-    >>> import numpy as np
-    >>> from cgalr_jax import wd_distance
-    >>> m = np.array([[0, .9, .1], [.9, 0, .5], [.1, .5, 0]], np.float32)
-    >>> wd_distance(m, m)
-    0.0
-  """
-  if p < 1:
-    raise ValueError(f"wd_distance: p must be >= 1, got {p}.")
-  h0a, h1a = persistence_diagrams(m1)
-  h0b, h1b = persistence_diagrams(m2)
-  return diagram_distance(h0a, h0b, p=p) + diagram_distance(h1a, h1b, p=p)
-
-
-def wd_summary_host(m, resolution: int) -> np.ndarray:
-  """``[2, K, 2]`` diagrams: the K most persistent H0 and H1 points.
-
-  Missing points are padded with diagonal points ``(0, 0)``, which have zero
-  persistence and so contribute nothing to any distance.
-  """
-  out = np.zeros((2, resolution, 2), np.float32)
-  for dim, dgm in enumerate(persistence_diagrams(m)):
-    if dgm.shape[0]:
-      order = np.argsort(dgm[:, 0] - dgm[:, 1], kind="stable")[:resolution]
-      out[dim, : order.shape[0]] = dgm[order]
-  return out
-
-
-def _wd_measure_host(m, ref, resolution):
-  cur = wd_summary_host(m, resolution)
-  dist = diagram_distance(ref[0], cur[0]) + diagram_distance(ref[1], cur[1])
-  return cur, np.float32(dist)
-
-
-def wd_measure_via_host(m: jax.Array, ref: jax.Array, resolution: int):
-  """Host WD step from inside ``jit``: ``(diagrams, distance_to_ref, ok)``."""
-  shape = (jax.ShapeDtypeStruct((2, resolution, 2), jnp.float32),
-           jax.ShapeDtypeStruct((), jnp.float32),
-           jax.ShapeDtypeStruct((), jnp.bool_))
-  return _host_callback(
-      functools.partial(_wd_measure_host, resolution=resolution), shape, m, ref)
+sys.modules[__name__].__class__ = type(
+    "TopologyModule", (types.ModuleType,),
+    {name: _wd_property(name) for name in _WD_NAMES})

@@ -1,8 +1,12 @@
 """cgalr_jax.topology against independent references (DESIGN.md 2).
 
-References: scipy's minimum spanning tree on negated weights and brute force
-over all spanning trees (birth sets), hand-computed TOP cases, ripser +
-persim.wasserstein (WD), brute force over all matchings (diagram distances).
+References: scipy's minimum spanning tree on negated weights, brute force
+over all spanning trees and a plain Kruskal written here (birth sets), full
+NumPy sorts (death sets and quantiles), hand-computed TOP cases. Both
+summary backends must equal the reference quantiles bit for bit, on every
+path each of them can take (dense or sparse spanning tree and Boruvka
+rounds on the host; sort or radix selection on the device). WD is tested in
+test_wd.py.
 """
 
 from __future__ import annotations
@@ -12,12 +16,10 @@ import itertools
 
 import jax
 import numpy as np
-import persim
 import pytest
-import ripser
 from scipy.sparse.csgraph import minimum_spanning_tree
 
-from cgalr_jax import top_distance, wd_distance
+from cgalr_jax import top_distance
 from cgalr_jax import topology
 
 # ----------------------------------------------------------------------------
@@ -92,36 +94,6 @@ def reference_quantiles(sorted_values, k):
   n = sorted_values.shape[0]
   ranks = np.floor((np.arange(k) + 0.5) * n / k).astype(int)
   return sorted_values[ranks]
-
-
-def reference_diagrams(m):
-  """Ripser H0 (finite) and H1 diagrams of ``sqrt(1 - M)``, written here."""
-  dist = np.sqrt(np.clip(1.0 - np.asarray(m, np.float64), 0.0, 1.0))
-  np.fill_diagonal(dist, 0.0)
-  dgms = ripser.ripser(dist, maxdim=1, distance_matrix=True)["dgms"]
-  return [d[np.isfinite(d[:, 1])] for d in dgms[:2]]
-
-
-def reference_wd(m1, m2):
-  (a0, a1), (b0, b1) = reference_diagrams(m1), reference_diagrams(m2)
-  return persim.wasserstein(a0, b0) + persim.wasserstein(a1, b1)
-
-
-def brute_force_diagram_distance(a, b, p):
-  """Min over all partial matchings; unmatched points go to the diagonal."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  to_diag = lambda x: (x[1] - x[0]) / np.sqrt(2.0)  # noqa: E731
-  best = np.inf
-  slots = list(range(len(b))) + [None] * len(a)
-  for choice in set(itertools.permutations(slots, len(a))):
-    cost = 0.0
-    for i, j in enumerate(choice):
-      cost += (to_diag(a[i]) if j is None
-               else np.linalg.norm(a[i] - b[j])) ** p
-    used = {j for j in choice if j is not None}
-    cost += sum(to_diag(b[j]) ** p for j in range(len(b)) if j not in used)
-    best = min(best, cost)
-  return best ** (1.0 / p)
 
 
 def activation_connectome(rng, p, n=24, dead=()):
@@ -317,7 +289,7 @@ def tie_heavy_matrices():
 def test_device_and_host_summaries_agree(name, m, k):
   host = topology.top_summary_host(m, k)
   dev = np.asarray(device_summary(m, k))
-  np.testing.assert_allclose(dev, host, atol=1e-6, rtol=0)
+  np.testing.assert_array_equal(dev, host)
   via_host, ok = jax.jit(topology.top_summary_via_host, static_argnums=1)(m, k)
   assert bool(ok)
   np.testing.assert_array_equal(np.asarray(via_host), host)
@@ -346,85 +318,198 @@ def test_host_summary_callback_failures_and_vmap(monkeypatch):
 
 
 # ----------------------------------------------------------------------------
-# WD.
+# Exactness of every path, bit for bit, on awkward matrices.
 
 
-def wd_matrices():
-  rng = np.random.default_rng(7)
-  for p in [9, 10, 12]:
-    yield activation_connectome(rng, p, n=16), activation_connectome(
-        rng, p, n=16)
+def kruskal_sets(m):
+  """Sorted birth and death sets by a plain Kruskal (union-find) written here.
+
+  Reads the upper triangle; zeros are ordinary weights (unlike SciPy's
+  sparse spanning tree, which drops them).
+  """
+  m = np.asarray(m, np.float32)
+  p = m.shape[0]
+  rows, cols = np.triu_indices(p, k=1)
+  weights = m[rows, cols]
+  parent = list(range(p))
+
+  def find(x):
+    while parent[x] != x:
+      parent[x] = parent[parent[x]]
+      x = parent[x]
+    return x
+
+  in_tree = np.zeros(weights.shape[0], bool)
+  taken = 0
+  for e in np.argsort(-weights, kind="stable"):
+    if taken == p - 1:
+      break
+    ri, rj = find(rows[e]), find(cols[e])
+    if ri != rj:
+      parent[ri] = rj
+      in_tree[e] = True
+      taken += 1
+  return np.sort(weights[in_tree]), np.sort(weights[~in_tree])
 
 
-@pytest.mark.parametrize("m1, m2", list(wd_matrices()))
-def test_wd_distance_matches_persim_on_ripser_diagrams(m1, m2):
-  h1_sizes = [reference_diagrams(m)[1].shape[0] for m in (m1, m2)]
-  assert max(h1_sizes) > 0  # H1 really takes part
-  expected = reference_wd(m1, m2)
-  assert expected > 0
-  assert wd_distance(m1, m2) == pytest.approx(expected, rel=1e-6, abs=1e-9)
-  assert wd_distance(m2, m1) == pytest.approx(expected, rel=1e-6, abs=1e-9)
-  assert wd_distance(m1, m1) == 0.0
-  # Diagrams themselves equal ripser's.
-  for got, ref in zip(topology.persistence_diagrams(m1),
-                      reference_diagrams(m1)):
-    np.testing.assert_allclose(np.asarray(got), ref, atol=1e-12)
+def exact_summary(m, k):
+  births, deaths = kruskal_sets(m)
+  out = np.zeros((2, k), np.float32)
+  if births.shape[0]:
+    out[0] = reference_quantiles(births, k)
+  if deaths.shape[0]:
+    out[1] = reference_quantiles(deaths, k)
+  return out
 
 
-def test_wd_distance_rejects_p_below_one():
-  with pytest.raises(ValueError, match="p"):
-    wd_distance(M3_A, M3_B, p=0.5)
+def symmetric(upper_values, p):
+  """Symmetric float32 matrix with zero diagonal from a ``[p, p]`` draw."""
+  upper = np.triu(np.asarray(upper_values, np.float64), k=1)
+  return (upper + upper.T).astype(np.float32)
 
 
-@pytest.mark.parametrize("p", [1, 2])
-def test_diagram_distance_brute_force(p):
-  rng = np.random.default_rng(8 + p)
-  for na, nb in [(0, 2), (1, 1), (2, 3), (3, 3), (3, 1)]:
-    births_a = rng.uniform(0, 1, na)
-    a = np.stack([births_a, births_a + rng.uniform(0.01, 0.5, na)], 1)
-    births_b = rng.uniform(0, 1, nb)
-    b = np.stack([births_b, births_b + rng.uniform(0.01, 0.5, nb)], 1)
-    expected = brute_force_diagram_distance(a.reshape(-1, 2), b.reshape(-1, 2),
-                                            p)
-    got = topology.diagram_distance(a, b, p=p)
-    assert got == pytest.approx(expected, rel=1e-9, abs=1e-12)
-    if p == 1:
-      assert got == pytest.approx(persim.wasserstein(a, b), rel=1e-9,
-                                  abs=1e-12)
-    # Diagonal points (padding) change nothing.
-    padded = np.concatenate([a, [[0.0, 0.0], [0.3, 0.3]]])
-    assert topology.diagram_distance(padded, b, p=p) == pytest.approx(
-        got, rel=1e-12, abs=1e-12)
+def awkward_matrix(kind, p, seed):
+  """A symmetric ``[p, p]`` connectome of the named kind."""
+  rng = np.random.default_rng(seed)
+  if kind == "uniform":
+    return symmetric(rng.uniform(0, 1, (p, p)), p)
+  if kind == "activations":
+    return activation_connectome(rng, p, n=max(24, 2 * p))
+  if kind == "dead-rows":  # row 0 and the last row dead, exact zeros
+    dead = sorted({0, p - 1} | set(range(2, p, 5)))
+    return activation_connectome(rng, p, n=max(24, 2 * p), dead=dead)
+  if kind == "ties":  # a handful of levels, 0 and 1 included
+    return symmetric(rng.integers(0, 9, (p, p)) / 8.0, p)
+  if kind == "zeros-and-ones":
+    w = rng.uniform(0, 1, (p, p))
+    w[rng.uniform(size=(p, p)) < 0.3] = 0.0
+    w[rng.uniform(size=(p, p)) < 0.2] = 1.0
+    return symmetric(w, p)
+  if kind == "tiny":  # 1 - M would round these away
+    return symmetric(10.0 ** rng.uniform(-30, -1, (p, p)), p)
+  if kind == "blocks":  # strong inside 3 blocks, weak across: a split forest
+    block = rng.integers(0, 3, p)
+    w = np.where(block[:, None] == block[None, :],
+                 rng.uniform(0.5, 1.0, (p, p)), rng.uniform(0, 0.05, (p, p)))
+    return symmetric(w, p)
+  if kind == "all-zero":
+    return np.zeros((p, p), np.float32)
+  if kind == "all-equal":
+    return ((1.0 - np.eye(p)) * 0.3).astype(np.float32)
+  raise ValueError(kind)
 
 
-def test_wd_summary_padding_keeps_distances():
-  rng = np.random.default_rng(9)
-  m1 = activation_connectome(rng, 8, n=16)
-  m2 = activation_connectome(rng, 8, n=16)
-  k = 32  # more than any diagram here has points
-  s1, s2 = topology.wd_summary_host(m1, k), topology.wd_summary_host(m2, k)
-  assert s1.shape == (2, k, 2) and s1.dtype == np.float32
-  ref1 = reference_diagrams(m1)
-  for dim in range(2):
-    n = ref1[dim].shape[0]
-    assert n < k
-    np.testing.assert_array_equal(s1[dim, n:], 0.0)  # padding
-  from_summaries = (topology.diagram_distance(s1[0], s2[0])
-                    + topology.diagram_distance(s1[1], s2[1]))
-  assert from_summaries == pytest.approx(reference_wd(m1, m2), rel=1e-5)
-  # Inside jit: the host step returns the same diagrams and distance.
-  diagrams, dist, ok = jax.jit(topology.wd_measure_via_host,
-                               static_argnums=2)(m2, s1, k)
+KINDS = ("uniform", "activations", "dead-rows", "ties", "zeros-and-ones",
+         "tiny", "blocks", "all-zero", "all-equal")
+SIZES = (2, 3, 4, 5, 7, 16, 33, 64, 101)
+
+
+@pytest.fixture
+def sparse_host_tree(monkeypatch):
+  """Host summaries take the sparse-tree path at every P, with few heavy edges.
+
+  One heavy edge per node leaves most nodes outside the first forest, so
+  Boruvka rounds do most of the work; the calls are counted.
+  """
+  calls = []
+  real = topology._boruvka_completion  # pylint: disable=protected-access
+
+  def counted(*args):
+    calls.append(args[2])
+    return real(*args)
+
+  monkeypatch.setattr(topology, "_SPARSE_TREE_MIN_EDGES", 0)
+  monkeypatch.setattr(topology, "_HEAVY_EDGES_PER_NODE", 1)
+  monkeypatch.setattr(topology, "_boruvka_completion", counted)
+  return calls
+
+
+@pytest.mark.parametrize("p", SIZES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_host_summary_is_exact(kind, p, sparse_host_tree):
+  m = awkward_matrix(kind, p, seed=p)
+  expected = exact_summary(m, 33)
+  sparse = topology.top_summary_host(m, 33)
+  np.testing.assert_array_equal(sparse, expected)
+  births = np.sort(topology._tree_weights_host(  # pylint: disable=protected-access
+      m, m[np.triu_indices(p, k=1)]))
+  np.testing.assert_array_equal(births, kruskal_sets(m)[0])
+  sparse_host_tree.clear()
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(topology, "_SPARSE_TREE_MIN_EDGES", 1 << 62)
+    np.testing.assert_array_equal(topology.top_summary_host(m, 33), expected)
+  assert not sparse_host_tree
+
+
+def test_host_sparse_tree_really_runs_boruvka(sparse_host_tree):
+  m = awkward_matrix("blocks", 101, seed=0)
+  np.testing.assert_array_equal(topology.top_summary_host(m, 512),
+                                exact_summary(m, 512))
+  assert sparse_host_tree and max(sparse_host_tree) >= 3
+
+
+device_radix = jax.jit(
+    lambda m, k: topology._top_summary_device(m, k, radix=True),  # pylint: disable=protected-access
+    static_argnums=1)
+
+
+@pytest.mark.parametrize("p", SIZES)
+def test_device_summary_is_exact(p):
+  # The radix selection is the default from P = 257 only; it runs at a few
+  # small sizes here too (each size is one more compile).
+  radix = p in (2, 3, 7, 33, 101)
+  for kind in KINDS:
+    m = awkward_matrix(kind, p, seed=p)
+    expected = exact_summary(m, 33)
+    np.testing.assert_array_equal(np.asarray(device_summary(m, 33)), expected,
+                                  err_msg=kind)
+    if radix:
+      np.testing.assert_array_equal(np.asarray(device_radix(m, 33)), expected,
+                                    err_msg=kind)
+
+
+def test_radix_selection_matches_sorting():
+  rng = np.random.default_rng(11)
+  # Negative, positive, signed zeros, infinities and heavy duplicates.
+  pool = np.concatenate([rng.normal(size=40).astype(np.float32),
+                         np.float32([0.0, -0.0, np.inf, -np.inf, 1e-38, -3.5])])
+  values = rng.choice(pool, size=5000).astype(np.float32)
+  removed = values[rng.choice(values.shape[0], size=700, replace=False)]
+  keys = topology._float_keys(values)  # pylint: disable=protected-access
+  removed_keys = topology._float_keys(removed)  # pylint: disable=protected-access
+  left = collections.Counter(np.asarray(keys).tolist())
+  left.subtract(collections.Counter(np.asarray(removed_keys).tolist()))
+  left = np.sort(np.array(list(left.elements()), np.int32))
+  ranks = np.unique(rng.integers(0, left.shape[0], 200))
+  got = jax.jit(topology._select_keys_device, static_argnums=2)(  # pylint: disable=protected-access
+      keys, removed_keys, tuple(ranks))
+  np.testing.assert_array_equal(np.asarray(got), left[ranks])
+
+
+@pytest.mark.parametrize("kind", ["activations", "dead-rows", "blocks"])
+def test_default_paths_at_a_large_size(kind):
+  # P = 800: the host's sparse tree and the device's radix selection are the
+  # defaults here; K = 512 as in scale_by_connectome.
+  p = 800
+  assert p * (p - 1) // 2 >= topology._SPARSE_TREE_MIN_EDGES  # pylint: disable=protected-access
+  assert p * (p - 1) // 2 >= topology._RADIX_MIN_EDGES  # pylint: disable=protected-access
+  m = awkward_matrix(kind, p, seed=1)
+  expected = exact_summary(m, 512)
+  np.testing.assert_array_equal(topology.top_summary_host(m, 512), expected)
+  np.testing.assert_array_equal(np.asarray(device_summary(m, 512)), expected)
+  via_host, ok = jax.jit(topology.top_summary_via_host, static_argnums=1)(
+      m, 512)
   assert bool(ok)
-  np.testing.assert_array_equal(np.asarray(diagrams), s2)
-  assert float(dist) == pytest.approx(reference_wd(m1, m2), rel=1e-5)
+  np.testing.assert_array_equal(np.asarray(via_host), expected)
 
 
-def test_wd_summary_keeps_the_most_persistent_points():
-  m = activation_connectome(np.random.default_rng(10), 12, n=16)
-  k = 3
-  summary = topology.wd_summary_host(m, k)
-  for dim, ref in enumerate(reference_diagrams(m)):
-    expected = np.sort(ref[:, 1] - ref[:, 0])[::-1][:k]
-    got = np.sort(summary[dim, :, 1] - summary[dim, :, 0])[::-1]
-    np.testing.assert_allclose(got[:expected.shape[0]], expected, atol=1e-6)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_host_summary_rejects_non_finite_weights(bad, sparse_host_tree):
+  del sparse_host_tree  # the sparse path must stop too, not loop
+  m = awkward_matrix("uniform", 40, seed=3)
+  m[3, 7] = m[7, 3] = bad
+  m[5, :] = m[:, 5] = np.where(np.arange(40) == 5, 0, bad)
+  with pytest.raises(ValueError, match="non-finite"):
+    topology.top_summary_host(m, 16)
+  _, ok = jax.jit(topology.top_summary_via_host, static_argnums=1)(m, 16)
+  assert not bool(ok)
