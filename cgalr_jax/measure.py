@@ -131,6 +131,65 @@ def signals(activations: Any, *, max_nodes: int | None = None, seed: int = 0,
 
 
 # ----------------------------------------------------------------------------
+# Data parallelism: replicas must measure the global sample and agree.
+
+
+def varying_axes(x: Any) -> frozenset:
+  """Mesh axes along which ``x`` differs between replicas (``shard_map``)."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)  # newer JAX
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, "vma", frozenset()))
+
+
+def bound_axis_names() -> tuple:
+  """Named axes the current trace runs under (``pmap``, named ``vmap``...)."""
+  try:  # No public API tells this; without it the check is skipped.
+    from jax._src import core  # pylint: disable=import-outside-toplevel
+    return tuple(core.get_axis_env().axis_names())
+  except Exception:  # pylint: disable=broad-except
+    return ()
+
+
+def check_axis(a: jax.Array, axis_name: Any) -> None:
+  """Refuse per-replica activations when no ``axis_name`` says how to sum.
+
+  Without it every replica would measure its own shard, compute its own
+  scale, and the replicas would drift apart silently.
+  """
+  if axis_name is not None:
+    return
+  names = tuple(sorted(varying_axes(a), key=str)) or bound_axis_names()
+  if names:
+    raise ValueError(
+        f"scale_by_connectome: the activations come from replicas along the "
+        f"named axes {names} (shard_map, pmap) but axis_name is None: each "
+        f"replica would compute its own scale. Pass axis_name={names[0]!r} "
+        "to measure the global sample (the replicas then agree), or "
+        "axis_name=() if the replicas are independent on purpose (a named "
+        "vmap over separate runs).")
+
+
+def vary_along(tree: Any, axes: frozenset) -> Any:
+  """Mark every leaf of ``tree`` as varying along ``axes`` (``pcast``)."""
+  def cast(x):
+    missing = axes - varying_axes(x)
+    return jax.lax.pcast(x, tuple(missing), to="varying") if missing else x
+  return jax.tree.map(cast, tree)
+
+
+def match_varying(new: Any, like: Any) -> Any:
+  """Mark ``new``'s leaves as varying along the axes ``like``'s leaves vary.
+
+  Under ``shard_map(check_vma=True)`` with per-replica optimizer state, a
+  measurement (replica-invariant after its ``psum``) must have the same type
+  as the state it replaces, or ``lax.cond`` refuses the branches.
+  """
+  return jax.tree.map(lambda n, l: vary_along(n, varying_axes(l)), new, like)
+
+
+# ----------------------------------------------------------------------------
 # Sufficient statistics, split into halves for the noise floor.
 
 
@@ -277,8 +336,33 @@ def summary_shape(distance: str, resolution: int) -> tuple[int, ...]:
 
 
 def summarise(m: jax.Array, reference: jax.Array, *, distance: str,
-              resolution: int, backend: str):
-  """``(summary, distance_to_reference, ok)`` for a connectome ``m``."""
+              resolution: int, backend: str, axis_name: Any = None):
+  """``(summary, distance_to_reference, ok)`` for a connectome ``m``.
+
+  With an ``axis_name`` (data parallelism) a host step runs on the axis'
+  first replica only and its result is broadcast: adding zeros is exact, so
+  every replica gets the same bits.
+  """
+  on_host = distance == "wd" or resolve_backend(
+      backend, distance, m.shape[0]) == "host"
+  if not (axis_name and on_host):
+    return _summarise_here(m, reference, distance=distance,
+                           resolution=resolution, backend=backend)
+  here = lambda: _summarise_here(m, reference, distance=distance,  # noqa: E731
+                                 resolution=resolution, backend=backend)
+  shapes = jax.eval_shape(here)
+  lead = jax.lax.axis_index(axis_name) == 0
+  # Both branches vary along the axis (types must match under check_vma).
+  axes = varying_axes(m) | varying_axes(reference)
+  varying = lambda t: vary_along(t, axes)  # noqa: E731
+  out = jax.lax.cond(lead, lambda: varying(here()), lambda: varying(
+      jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)))
+  summary, dist, ok = jax.lax.psum(
+      (out[0], out[1], out[2].astype(jnp.int32)), axis_name)
+  return summary, dist, ok > 0
+
+
+def _summarise_here(m, reference, *, distance, resolution, backend):
   num_nodes = m.shape[0]
   if distance == "wd":
     return topology.wd_measure_via_host(m, reference, resolution)

@@ -291,6 +291,8 @@ def scale_by_connectome(
            "of signals)", max_nodes)
   pick = _selector(select)
   source = _source_name(probe, pool)
+  # axis_name=() declares replicas independent: nothing to sum across.
+  stats_axis = None if axis_name is None or axis_name == () else axis_name
   num_parts = 2 if noise else 1
   num_summaries = 3 if noise else 1
   reference_shape = (num_summaries,) + measure.summary_shape(distance,
@@ -313,6 +315,8 @@ def scale_by_connectome(
     """Activations -> ``[N, P]`` signals, with trace-time guidance."""
     a = measure.signals(pick(activations), max_nodes=max_nodes, seed=seed,
                         layout=layout)
+    if probe is None:  # a probe reads replicated params and fixed inputs
+      measure.check_axis(a, axis_name)
     num_samples, num_nodes = a.shape
     if pool and num_nodes != max_nodes:
       raise ValueError(
@@ -358,9 +362,10 @@ def scale_by_connectome(
         noise_values[:1],  # the floor needs no reference
         jnp.where(has_ref, noise_values[1:], v[_EVEN_DISTANCE:])]
                              ).astype(jnp.float32)
-    return state._replace(
+    new = state._replace(
         counters=counters, values=values,
         history=keep(pushed, state.history), reference=summaries)
+    return measure.match_varying(new, state)
 
   def measure_stats(state, stats):
     """Measure split statistics (leading parts axis) and update the state."""
@@ -374,7 +379,8 @@ def scale_by_connectome(
     def from_usable(state):
       mats = [correlation_from_stats(s) for s in parts]
       outs = [measure.summarise(m, state.reference[i], distance=distance,
-                                resolution=resolution, backend=backend)
+                                resolution=resolution, backend=backend,
+                                axis_name=stats_axis)
               for i, m in enumerate(mats)]
       summaries = jnp.stack([o[0] for o in outs])
       dists = jnp.stack([o[1] for o in outs])
@@ -399,11 +405,12 @@ def scale_by_connectome(
 
   def measure_signals(state, a):
     return measure_stats(state, measure.split_stats(
-        a, halves=noise, axis_name=axis_name))
+        a, halves=noise, axis_name=stats_axis))
 
   def measure_pool(state):
     state = measure_stats(state, state.pool)
-    return state._replace(pool=measure.empty_pool(num_parts, max_nodes))
+    return state._replace(pool=measure.match_varying(
+        measure.empty_pool(num_parts, max_nodes), state.pool))
 
   # Jitted so that eager (un-jitted) training loops compile the measurement
   # once; inside an outer jit, vmap, scan or shard_map it simply inlines.
@@ -420,7 +427,7 @@ def scale_by_connectome(
     elif pool:
       if activations is not None:
         state = state._replace(pool=measure.pool_add(
-            state.pool, read_signals(activations), axis_name=axis_name))
+            state.pool, read_signals(activations), axis_name=stats_axis))
       state = jax.lax.cond(due, measure_pool, lambda s: s, state)
     elif activations is not None:
       state = jax.lax.cond(

@@ -10,7 +10,12 @@ scale after every step (per replica where replicas exist):
 * ``shard_map_4`` / ``shard_map_8``: ``jax.shard_map`` over a data axis,
   gradients ``pmean``-ed, CG-ALR with ``axis_name="data"``;
 * ``gspmd_8``: ``jax.jit`` over a batch sharded 8 ways, no axis name;
-* ``pmap_4``: ``jax.pmap`` with ``axis_name="data"``.
+* ``explicit_4``: the same over an Explicit-sharding mesh;
+* ``pmap_4``: ``jax.pmap`` with ``axis_name="data"``;
+* ``shard_map_vma_4``: ``shard_map`` with ``check_vma=True`` and per-replica
+  parameters and optimizer state.
+``errors`` holds the messages of the runs that must refuse to start:
+``shard_map`` and ``pmap`` without ``axis_name``.
 """
 
 from __future__ import annotations
@@ -65,9 +70,9 @@ def local_step(optimizer, params, opt_state, x, y, axis_name=None):
   return optax.apply_updates(params, updates), opt_state
 
 
-def run_shard_map(devices):
+def run_shard_map(devices, axis_name="data"):
   mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
-  optimizer = make_optimizer("data")
+  optimizer = make_optimizer(axis_name)
   params = init_params()
   opt_state = optimizer.init(params)
 
@@ -86,12 +91,53 @@ def run_shard_map(devices):
   return scales
 
 
-def run_jit(devices=None):
+def run_shard_map_per_replica_state(devices):
+  """``check_vma=True``: every replica carries its own params and state."""
+  mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
+  optimizer = make_optimizer("data")
+  stack = lambda t: jax.tree.map(lambda v: jnp.stack([v] * devices), t)
+  params = stack(init_params())
+  opt_state = stack(optimizer.init(init_params()))
+  first = lambda t: jax.tree.map(lambda v: v[0], t)
+  again = lambda t: jax.tree.map(lambda v: v[None], t)
+
+  def per_replica(p, s, x, y):
+    p, s = local_step(optimizer, first(p), first(s), x, y, axis_name="data")
+    return again(p), again(s)
+
+  step = jax.jit(jax.shard_map(
+      per_replica, mesh=mesh, in_specs=(P("data"),) * 4,
+      out_specs=(P("data"), P("data")), check_vma=True))
+  scales = []
+  for x, y in zip(*batches()):
+    params, opt_state = step(params, opt_state, x, y)
+    scales.append([float(v) for v in np.asarray(opt_state[1].scale)])
+  return scales
+
+
+def error_of(run, *args):
+  try:
+    run(*args)
+  except ValueError as err:
+    return str(err)
+  return "no error"
+
+
+def run_jit(devices=None, explicit=False):
   """Plain ``jax.jit``; with ``devices``, the batch is sharded over them."""
   batch_sharding = None
   if devices is not None:
+    if explicit:
+      mesh = jax.make_mesh((devices,), ("data",), axis_types=(
+          jax.sharding.AxisType.Explicit,), devices=jax.devices()[:devices])
+      with jax.sharding.set_mesh(mesh):
+        return run_jit_on(NamedSharding(mesh, P("data")))
     mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
     batch_sharding = NamedSharding(mesh, P("data"))
+  return run_jit_on(batch_sharding)
+
+
+def run_jit_on(batch_sharding):
   optimizer = make_optimizer()
   params = init_params()
   opt_state = optimizer.init(params)
@@ -106,8 +152,8 @@ def run_jit(devices=None):
   return scales
 
 
-def run_pmap(devices):
-  optimizer = make_optimizer("data")
+def run_pmap(devices, axis_name="data"):
+  optimizer = make_optimizer(axis_name)
   params = init_params()
   opt_state = optimizer.init(params)
   replicate = lambda t: jax.tree.map(lambda v: jnp.stack([v] * devices), t)
@@ -131,6 +177,10 @@ def main():
       "shard_map_8": run_shard_map(8),
       "gspmd_8": run_jit(8),
       "pmap_4": run_pmap(4),
+      "explicit_4": run_jit(4, explicit=True),
+      "shard_map_vma_4": run_shard_map_per_replica_state(4),
+      "errors": {"shard_map": error_of(run_shard_map, 4, None),
+                 "pmap": error_of(run_pmap, 4, None)},
   }
   print(json.dumps(results))
 

@@ -26,7 +26,7 @@ def runs(request):
                         env=env, capture_output=True, text=True, timeout=600,
                         check=False)
   assert done.returncode == 0, done.stderr[-4000:]
-  return {k: np.asarray(v) for k, v in
+  return {k: v if k == "errors" else np.asarray(v) for k, v in
           json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
@@ -37,7 +37,7 @@ def test_single_device_scale_moves(runs):
 
 
 @pytest.mark.parametrize("name", ["shard_map_4", "shard_map_8", "gspmd_8",
-                                  "pmap_4"])
+                                  "pmap_4", "explicit_4", "shard_map_vma_4"])
 def test_data_parallel_matches_single_device(runs, name):
   single = runs["single"][:, 0]
   parallel = runs[name]
@@ -45,9 +45,18 @@ def test_data_parallel_matches_single_device(runs, name):
       single[:, None], parallel.shape), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["shard_map_4", "shard_map_8", "pmap_4"])
+@pytest.mark.parametrize("name", ["shard_map_4", "shard_map_8", "pmap_4",
+                                  "shard_map_vma_4"])
 def test_replicas_agree_exactly(runs, name):
   per_replica = runs[name]
   assert per_replica.shape[1] in (4, 8)
   assert np.array_equal(per_replica, np.repeat(per_replica[:, :1],
                                                per_replica.shape[1], axis=1))
+
+
+@pytest.mark.parametrize("how", ["shard_map", "pmap"])
+def test_missing_axis_name_is_refused_naming_the_remedy(runs, how):
+  # Without axis_name each replica would compute its own scale from its own
+  # shard and the replicas would drift apart silently.
+  message = runs["errors"][how]
+  assert "axis_name='data'" in message and "replica" in message
