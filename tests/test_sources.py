@@ -302,3 +302,27 @@ def test_inject_hyperparams_with_a_traced_size_says_what_to_do():
       learning_rate=0.1, probe=read_a, window=8)
   jax.jit(fixed.update)(PROBE_GRADS, fixed.init(probe_params(ACTS[0])),
                         probe_params(ACTS[0]))
+
+
+def test_multisteps_keeps_one_measurement_per_real_update():
+  # optax.MultiSteps runs the inner update on every mini-step and keeps its
+  # state only on the last one: the kept measurement is the real update's,
+  # `every` counts real updates, and a due update pays a probe pass per
+  # mini-step (README, Optax integration).
+  executed = []
+
+  def probe(params):
+    jax.debug.callback(lambda: executed.append(1))
+    return params["a"]
+
+  inner = cgalr(0.1, probe=probe, **dict(CONFIG, every=1))
+  opt = optax.MultiSteps(inner, every_k_schedule=4)
+  state = opt.init(probe_params(ACTS[0]))
+  step = jax.jit(opt.update)
+  for t in range(8):
+    _, state = step(PROBE_GRADS, state, probe_params(ACTS[t // 4]))
+  jax.effects_barrier()
+  d = diagnostics(state)
+  assert int(d["measured"]) == 2 and int(d["skipped"]) == 0
+  assert float(d["distance"]) == pytest.approx(REF[1]["distance"], rel=1e-4)
+  assert len(executed) == 8
