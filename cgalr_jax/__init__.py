@@ -7,7 +7,8 @@ Networks", arXiv:2510.23781 (2025).
 from cgalr_jax.gate import BOOST, BRAKE, HOLD, GateConfig
 from cgalr_jax.measure import connectome
 from cgalr_jax.schedules import robbins_monro
-from cgalr_jax.topology import top_distance, wd_distance
+from cgalr_jax.topology import top_distance
+from cgalr_jax.wd import wd_distance
 from cgalr_jax.transform import (ScaleByConnectomeState, cgalr, diagnostics,
                                  scale_by_connectome)
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cgalr_jax import topology
+from cgalr_jax import topology, wd
 from cgalr_jax.connectome import (SignalStats, correlation_from_stats,
                                   live_signals)
 
@@ -365,7 +365,7 @@ def summarise(m: jax.Array, reference: jax.Array, *, distance: str,
 def _summarise_here(m, reference, *, distance, resolution, backend):
   num_nodes = m.shape[0]
   if distance == "wd":
-    return topology.wd_measure_via_host(m, reference, resolution)
+    return wd.wd_measure_via_host(m, reference, resolution)
   if resolve_backend(backend, distance, num_nodes) == "device":
     summary, ok = topology.top_summary_device(m, resolution), jnp.array(True)
   else:
@@ -382,7 +382,7 @@ def summary_distance(a: jax.Array, b: jax.Array, m_b: jax.Array, *,
   the host, which recomputes ``b``'s diagrams from ``m_b``.
   """
   if distance == "wd":
-    _, dist, ok = topology.wd_measure_via_host(m_b, a, resolution)
+    _, dist, ok = wd.wd_measure_via_host(m_b, a, resolution)
     return dist, ok
   return topology.top_summary_distance(a, b, num_nodes), jnp.array(True)
 
