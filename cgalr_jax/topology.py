@@ -9,15 +9,18 @@ summary of each sorted set, ``q_k = x[floor((k + 1/2) n / K)]``; two backends
 compute it, both exactly (bit for bit what indexing the fully sorted sets
 gives):
 
-* ``host`` (NumPy/SciPy through ``jax.pure_callback``): the spanning tree of
-  the heaviest edges, completed by Boruvka rounds when they do not connect
-  every node; one in-place sort of the edges for the death quantiles.
+* ``host`` (NumPy/SciPy through ``jax.pure_callback``, which receives only
+  the upper triangle): on large graphs the spanning tree of the heaviest
+  edges, completed by Boruvka rounds when they do not connect every node,
+  else SciPy's single linkage; one sort of the edges for the death
+  quantiles (NumPy's vectorised sort beat histogram selection on the host).
 * ``device`` (pure JAX, stays on the accelerator): Prim's algorithm on
   integer keys; the death quantiles by radix selection (three counting
   passes over the edges) instead of a sort once the graph is large.
 
-Both read ``M`` as a symmetric matrix, as :func:`cgalr_jax.connectome`
-returns it (the spanning tree reads rows, the death set the upper triangle).
+The host reads the upper triangle only. The device backend reads ``M`` as
+the symmetric matrix :func:`cgalr_jax.connectome` returns (Prim's algorithm
+reads rows).
 
 The exact ``top_distance`` is public for analysis and tests. The WD distance
 lives in :mod:`cgalr_jax.wd`; its names are re-exported here for code written
@@ -27,6 +30,7 @@ before the split.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import types
 
@@ -255,8 +259,31 @@ def _heavy_threshold(edges: np.ndarray, count: int) -> np.float32:
   return np.partition(sample, sample.shape[0] - keep)[sample.shape[0] - keep]
 
 
-def _tree_weights_host(m: np.ndarray, edges: np.ndarray) -> np.ndarray:
-  """Maximum-spanning-tree weights of a symmetric ``M`` (unsorted float32).
+def _condensed_rows(edges: np.ndarray, num_nodes: int,
+                    nodes: np.ndarray) -> np.ndarray:
+  """Rows ``M[nodes]`` of the symmetric matrix with these condensed edges.
+
+  The diagonal entries come back as whatever edge the index lands on (the
+  one before row i's first); the caller masks them.
+  """
+  starts = _row_starts(num_nodes)
+  i = nodes[:, None]
+  j = np.arange(num_nodes)[None, :]
+  lo, hi = np.minimum(i, j), np.maximum(i, j)
+  return edges[starts[lo] + hi - lo - 1]
+
+
+def _nodes_of_condensed(num_edges: int) -> int:
+  """P such that ``P (P - 1) / 2 == num_edges``."""
+  p = (1 + math.isqrt(1 + 8 * num_edges)) // 2
+  if p * (p - 1) // 2 != num_edges:
+    raise ValueError(
+        f"{num_edges} condensed edge weights are no complete graph's.")
+  return max(p, 1)
+
+
+def _tree_weights_host(edges: np.ndarray, num_nodes: int) -> np.ndarray:
+  """Maximum-spanning-tree weights from condensed edge weights (unsorted).
 
   Exact, by two facts about the unique maximum spanning tree ``T`` under the
   strict order "heavier first, then lower edge index" (edge index = condensed
@@ -270,8 +297,9 @@ def _tree_weights_host(m: np.ndarray, edges: np.ndarray) -> np.ndarray:
   The weight multiset of ``T`` is that of every maximum spanning tree.
 
   Args:
-    m: ``[P, P]`` symmetric float32 connectome, P >= 2.
-    edges: its condensed upper-triangle weights (``_upper_edges(m)``).
+    edges: float32 condensed upper-triangle weights of a P-node graph,
+      finite.
+    num_nodes: P >= 2.
 
   Returns:
     float32 ``[P - 1]`` tree weights in no particular order.
@@ -279,8 +307,8 @@ def _tree_weights_host(m: np.ndarray, edges: np.ndarray) -> np.ndarray:
   from scipy import sparse  # pylint: disable=import-outside-toplevel
   from scipy.sparse import csgraph  # pylint: disable=import-outside-toplevel
 
-  p, n = m.shape[0], edges.shape[0]
-  if n < _SPARSE_TREE_MIN_EDGES:
+  p = num_nodes
+  if edges.shape[0] < _SPARSE_TREE_MIN_EDGES:
     return _tree_weights_from_edges(edges)
   target = _HEAVY_EDGES_PER_NODE * p
   heavy = np.flatnonzero(edges >= _heavy_threshold(edges, target))
@@ -309,11 +337,11 @@ def _tree_weights_host(m: np.ndarray, edges: np.ndarray) -> np.ndarray:
   chosen = [weights[kruskal[forest.data.astype(np.intp) - 1]]]
   if forest.nnz < p - 1:
     num_comp, labels = csgraph.connected_components(forest, directed=False)
-    chosen.append(_boruvka_completion(m, labels, num_comp))
+    chosen.append(_boruvka_completion(edges, p, labels, num_comp))
   return np.concatenate(chosen).astype(np.float32, copy=False)
 
 
-def _boruvka_completion(m: np.ndarray, labels: np.ndarray,
+def _boruvka_completion(edges: np.ndarray, num_nodes: int, labels: np.ndarray,
                         num_comp: int) -> np.ndarray:
   """Weights of the tree edges that join the components of a partial tree.
 
@@ -323,7 +351,8 @@ def _boruvka_completion(m: np.ndarray, labels: np.ndarray,
   largest component.
 
   Args:
-    m: ``[P, P]`` symmetric connectome.
+    edges: condensed edge weights.
+    num_nodes: P.
     labels: component of every node in a forest that is part of the tree.
     num_comp: number of components (> 1).
 
@@ -333,14 +362,14 @@ def _boruvka_completion(m: np.ndarray, labels: np.ndarray,
   from scipy import sparse  # pylint: disable=import-outside-toplevel
   from scipy.sparse import csgraph  # pylint: disable=import-outside-toplevel
 
-  p = m.shape[0]
+  p = num_nodes
   joined = []
   while num_comp > 1:
     largest = np.argmax(np.bincount(labels, minlength=num_comp))
     nodes = np.flatnonzero(labels != largest)
     comp = labels[nodes]
-    rows = m[nodes]  # a copy: own-component columns are masked next
-    rows[comp[:, None] == labels[None, :]] = -np.inf
+    rows = _condensed_rows(edges, p, nodes)
+    rows[comp[:, None] == labels[None, :]] = -np.inf  # own component
     # Row argmax takes the first maximum, the lowest j: for a fixed i that
     # is the lowest (min(i, j), max(i, j)), the order of fact 2.
     other = np.argmax(rows, axis=1)
@@ -368,8 +397,12 @@ def _boruvka_completion(m: np.ndarray, labels: np.ndarray,
 def top_summary_host(m, resolution: int) -> np.ndarray:
   """K-point quantile summary of the birth and death sets (host, exact).
 
+  Reads the upper triangle only.
+
   Args:
-    m: ``[P, P]`` symmetric connectome.
+    m: ``[P, P]`` connectome, or its condensed upper triangle
+      (``M[i, j]``, ``i < j``, row-major; what :func:`top_summary_via_host`
+      sends, half the bytes).
     resolution: K.
 
   Returns:
@@ -377,20 +410,29 @@ def top_summary_host(m, resolution: int) -> np.ndarray:
     quantiles (zeros where a set is empty).
 
   Raises:
-    ValueError: if ``m`` is not square or has a non-finite edge weight.
+    ValueError: if ``m`` is neither form or has a non-finite edge weight.
   """
-  m = host_matrix(m)
-  n_b, n_d = set_sizes(m.shape[0])
+  x = np.asarray(m, dtype=np.float32)
+  owned = x.ndim != 1  # a fresh gather may be sorted in place
+  if owned:
+    x = host_matrix(x)
+    p = x.shape[0]
+    edges = _upper_edges(x)
+  else:
+    p, edges = _nodes_of_condensed(x.shape[0]), x
+  n_b, n_d = set_sizes(p)
   out = np.zeros((2, resolution), np.float32)
   if n_b == 0:
     return out
-  edges = _upper_edges(m)  # a fresh gather: sorted in place below
   if not (np.isfinite(edges.min()) and np.isfinite(edges.max())):
     raise ValueError("connectome has non-finite edge weights.")
-  births = np.sort(_tree_weights_host(m, edges))
-  edges.sort()
+  births = np.sort(_tree_weights_host(edges, p))
   out[0] = births[quantile_ranks(n_b, resolution)]
   if n_d:
+    if owned:
+      edges.sort()
+    else:
+      edges = np.sort(edges)
     removed = _birth_positions(edges, births, np)
     ranks = _death_ranks_to_edge_ranks(
         removed, quantile_ranks(n_d, resolution), np)
@@ -654,6 +696,10 @@ def host_callback(fn, result_shape, *args):
 def top_summary_via_host(m: jax.Array, resolution: int):
   """Host TOP summary from inside ``jit``.
 
+  Only the upper triangle crosses to the host (half of ``M``), gathered on
+  the device, where the compiler can also fuse it with the connectome's last
+  elementwise step.
+
   Args:
     m: ``[P, P]`` connectome (traced).
     resolution: K.
@@ -662,11 +708,17 @@ def top_summary_via_host(m: jax.Array, resolution: int):
     ``(summary, ok)``: the ``[2, K]`` summary of :func:`top_summary_host`
     and whether the host step succeeded (zeros when not).
   """
+  m = jnp.asarray(m, jnp.float32)
+  if m.ndim != 2 or m.shape[0] != m.shape[1]:
+    raise ValueError(f"connectome must be a square [P, P] matrix, got {m.shape}.")
+  flat = np.flatnonzero(_upper_mask(m.shape[0])).astype(np.int32)
   shape = (jax.ShapeDtypeStruct((2, resolution), jnp.float32),
            jax.ShapeDtypeStruct((), jnp.bool_))
-  # Looked up at call time so tests can count or fail host calls.
+  # ``top_summary_host`` is looked up at call time, so tests can count or
+  # fail host calls by patching it.
   summary, ok = host_callback(
-      lambda x: (top_summary_host(x, resolution),), shape, m)
+      lambda x: (top_summary_host(x, resolution),), shape,
+      m.reshape(-1)[flat])
   return summary, ok
 
 

@@ -415,7 +415,7 @@ def sparse_host_tree(monkeypatch):
   real = topology._boruvka_completion  # pylint: disable=protected-access
 
   def counted(*args):
-    calls.append(args[2])
+    calls.append(args[3])  # the number of components to join
     return real(*args)
 
   monkeypatch.setattr(topology, "_SPARSE_TREE_MIN_EDGES", 0)
@@ -432,13 +432,37 @@ def test_host_summary_is_exact(kind, p, sparse_host_tree):
   sparse = topology.top_summary_host(m, 33)
   np.testing.assert_array_equal(sparse, expected)
   births = np.sort(topology._tree_weights_host(  # pylint: disable=protected-access
-      m, m[np.triu_indices(p, k=1)]))
+      m[np.triu_indices(p, k=1)], p))
   np.testing.assert_array_equal(births, kruskal_sets(m)[0])
   sparse_host_tree.clear()
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(topology, "_SPARSE_TREE_MIN_EDGES", 1 << 62)
     np.testing.assert_array_equal(topology.top_summary_host(m, 33), expected)
   assert not sparse_host_tree
+
+
+def test_host_summary_reads_the_upper_triangle_in_either_form():
+  rng = np.random.default_rng(12)
+  for p in [2, 3, 9, 800]:
+    m = awkward_matrix("activations", p, seed=p)
+    upper = m[np.triu_indices(p, k=1)]
+    junk = m + np.tril(rng.uniform(0, 1, (p, p)), k=-1).astype(np.float32)
+    expected = topology.top_summary_host(m, 64)
+    np.testing.assert_array_equal(topology.top_summary_host(junk, 64),
+                                  expected)
+    np.testing.assert_array_equal(topology.top_summary_host(upper, 64),
+                                  expected)
+  with pytest.raises(ValueError, match="complete graph"):
+    topology.top_summary_host(np.zeros(5, np.float32), 4)
+
+
+def test_condensed_rows_are_matrix_rows():
+  m = awkward_matrix("uniform", 9, seed=0)
+  nodes = np.array([0, 4, 8])
+  rows = topology._condensed_rows(  # pylint: disable=protected-access
+      m[np.triu_indices(9, k=1)], 9, nodes)
+  off_diagonal = nodes[:, None] != np.arange(9)[None, :]
+  np.testing.assert_array_equal(rows[off_diagonal], m[nodes][off_diagonal])
 
 
 def test_host_sparse_tree_really_runs_boruvka(sparse_host_tree):
