@@ -474,14 +474,14 @@ def _sort_floats(x: jax.Array) -> jax.Array:
   return _keys_to_floats(jax.lax.sort(_float_keys(x)))
 
 
-def _tree_keys_device(m: jax.Array) -> jax.Array:
-  """Prim's algorithm on the keys of ``M``: the tree's weight keys, unsorted.
+def _tree_keys_device(keys: jax.Array) -> jax.Array:
+  """Prim's algorithm on the ``[P, P]`` keys of ``M``: the tree's weight keys.
 
   O(P^2) work in P - 1 vector steps. On integer keys the per-step argmax is a
   plain integer reduction, about twice as fast as the float one on XLA:CPU.
+  Returns the keys unsorted, in the order Prim adds them.
   """
-  keys = _float_keys(m)
-  p = m.shape[0]
+  p = keys.shape[0]
   in_tree = jnp.arange(p) == 0
   best = jnp.where(in_tree, _INT32_MIN, keys[0])
 
@@ -509,7 +509,7 @@ def max_spanning_tree_weights_device(m: jax.Array) -> jax.Array:
   Returns:
     float32 ``[P - 1]`` tree weights in the order Prim adds them.
   """
-  return _keys_to_floats(_tree_keys_device(jnp.asarray(m, jnp.float32)))
+  return _keys_to_floats(_tree_keys_device(_float_keys(jnp.asarray(m))))
 
 
 def _radix_digit(keys: jax.Array, shift: int, bits: int) -> jax.Array:
@@ -620,12 +620,17 @@ def _top_summary_device(m, resolution: int, radix: bool | None) -> jax.Array:
   n_b, n_d = set_sizes(p)
   if n_b == 0:
     return jnp.zeros((2, resolution), jnp.float32)
-  births = jax.lax.sort(_tree_keys_device(m))
+  # One key matrix for both steps: Prim's loop needs it in memory anyway,
+  # and gathering the edges from it keeps XLA from fusing the connectome's
+  # last elementwise step (with its transposed reads) into the gather a
+  # second time.
+  keys = _float_keys(m)
+  births = jax.lax.sort(_tree_keys_device(keys))
   birth_q = _keys_to_floats(births[quantile_ranks(n_b, resolution)])
   if n_d == 0:
     return jnp.stack([birth_q, jnp.zeros_like(birth_q)])
   flat = np.flatnonzero(_upper_mask(p)).astype(np.int32)
-  edges = _float_keys(m.reshape(-1)[flat])
+  edges = keys.reshape(-1)[flat]
   death_ranks = quantile_ranks(n_d, resolution)
   if radix is None:
     radix = edges.shape[0] >= _RADIX_MIN_EDGES
