@@ -126,7 +126,8 @@ def run(dataset: str, seeds: int, out: Path, method_names: Sequence[str], *,
       options["noise"] = True  # the noise floor, for the health check
     if spec.needs == "z_sequence":
       ref = results[REFERENCE]
-      start = 1 + methods_lib.gate_config().min_history
+      gate = methods_lib.gate_config(methods_lib.STUDY_GATE)
+      start = 1 + gate.min_history
       z = train_lib.z_at_measuring_steps(
           ref, methods_lib.measuring_period(None, task.steps_per_epoch))
       options["z_sequences"] = np.stack(

@@ -246,6 +246,34 @@ def table(runs: dict[str, dict[str, dict]], choice: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def plot_chosen(runs: dict[str, dict[str, dict]], name: str,
+                path: Path) -> None:
+  """Seed-0 distance, z and scale of the chosen variant, per dataset."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  recs = [(d, r[name]) for d, r in runs.items() if name in r]
+  if not recs:
+    return
+  fig, axes = plt.subplots(3, len(recs), figsize=(4 * len(recs), 7),
+                           sharex="col", squeeze=False)
+  for j, (d, r) in enumerate(recs):
+    t = r["trace_seed0"]
+    axes[0, j].semilogy(t["step"], t["distance"], ".-", markersize=3)
+    axes[1, j].plot(t["step"], t["z"], ".-", markersize=3)
+    axes[1, j].axhline(r["gate"]["enter_z"], color="r", linewidth=0.5)
+    axes[1, j].axhline(-r["gate"]["enter_z"], color="g", linewidth=0.5)
+    axes[2, j].plot(t["step"], t["scale"], ".-", markersize=3)
+    axes[0, j].set_title(f"{d}: {name}")
+    axes[2, j].set_xlabel("step")
+  axes[0, 0].set_ylabel("TOP distance")
+  axes[1, 0].set_ylabel("z")
+  axes[2, 0].set_ylabel("scale")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", type=Path,
@@ -285,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   _dump(args.out / "choice.json", choice)
   text = table(runs, choice)
   (args.out / "table.md").write_text(text)
+  if choice.get("chosen"):
+    plot_chosen(runs, choice["chosen"], args.out / "chosen_traces.png")
   print(text)
 
 

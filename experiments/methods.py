@@ -34,8 +34,9 @@ plateau         SGD momentum 0.9 + ``optax.contrib.reduce_on_plateau`` on the
 
 The Robbins-Monro envelope is ``robbins_monro(lr, t0=total_steps / 10,
 power=0.75)``: it ends at 11^-0.75 ~ 17% of the base step whatever the run
-length. CG-ALR's gate constants are the library defaults on every dataset
-(the gate study overrides them through ``build(..., gate=...)``).
+length. CG-ALR's gate constants and cadence are the gate study's choice
+(``STUDY_GATE``, once per epoch) on every dataset; the gate study itself
+passes its variants through ``build(..., gate=..., every=...)``.
 
 Every tuned method is linear in its base learning rate: the transformation
 built with ``lr`` equals the one built with ``lr=1`` followed by a
@@ -60,6 +61,14 @@ MOMENTUM = 0.9
 # Centres of the learning-rate grids, per optimiser family (not per dataset).
 SGD_CENTRE = 0.1
 ADAM_CENTRE = 3e-3
+
+# The gate validation study's choice (experiments/README.md, "Gate study";
+# validation data only, one setting for every dataset). Every CG-ALR method
+# and both controls use it unless build() is given gate=/every=.
+STUDY_GATE = dict(score="detrended", enter_z=1.5, exit_z=0.5, boost=1.1,
+                  brake=1 / 1.1, min_scale=0.25, max_scale=4.0, window=20,
+                  min_history=5)
+STUDY_EVERY = "epoch"  # measure once per epoch (steps_per_epoch updates)
 
 # Families. "cgalr": measures the network; "control": CG-ALR's envelope and
 # multiplier without measurement; the rest are the baselines.
@@ -126,9 +135,10 @@ def resolve_every(every: Any, steps_per_epoch: int) -> int | None:
 
 
 def measuring_period(every: Any, steps_per_epoch: int) -> int:
-  """The measuring period in updates that CG-ALR uses for ``every``."""
-  resolved = resolve_every(every, steps_per_epoch)
-  return cgalr_jax.transform.DEFAULT_EVERY if resolved is None else resolved
+  """The measuring period in updates that ``build(..., every=every)`` uses
+  (None: the study's choice, ``STUDY_EVERY``)."""
+  return resolve_every(STUDY_EVERY if every is None else every,
+                       steps_per_epoch)
 
 
 def _sgd(schedule):
@@ -300,8 +310,9 @@ def build(name: str, lr: float, total_steps: int, steps_per_epoch: int = 1,
   """The transformation of method ``name`` (untuned methods ignore ``lr``).
 
   ``options`` (each used only by the methods it concerns): ``probe``
-  (``fn(params) -> activations``), ``gate`` (gate keyword overrides),
-  ``every`` (int, None or ``"epoch"``), ``noise``, ``max_nodes`` (pool),
+  (``fn(params) -> activations``), ``gate`` (gate keywords; None:
+  ``STUDY_GATE``), ``every`` (int or ``"epoch"``; None: ``STUDY_EVERY``),
+  ``noise``, ``max_nodes`` (pool),
   ``z_sequence`` (cgalr_shuffled), ``scale_trajectory`` (cgalr_replay).
   """
   try:
@@ -310,5 +321,9 @@ def build(name: str, lr: float, total_steps: int, steps_per_epoch: int = 1,
     raise ValueError(
         f"unknown method {name!r}; expected one of {sorted(METHODS)}") from None
   options.pop("steps_per_epoch", None)
+  if options.get("gate") is None:
+    options["gate"] = STUDY_GATE
+  if options.get("every") is None:
+    options["every"] = STUDY_EVERY
   return method.factory(lr if method.tuned else 1.0, int(total_steps),
                         int(steps_per_epoch), **options)

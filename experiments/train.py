@@ -154,8 +154,10 @@ def train_runs(task: Task, method: str, lrs: Sequence[float],
     lrs, seeds: per run.
     progress: a tqdm-like object, ``update(1)`` per epoch.
     trace: record CG-ALR's diagnostics at every step.
-    gate: overrides of CG-ALR's gate keywords (``score``, ``enter_z``...).
-    every: CG-ALR's measuring period in updates (None: library default).
+    gate: CG-ALR's gate keywords (``score``, ``enter_z``...); None: the
+      gate study's choice (``methods.STUDY_GATE``).
+    every: CG-ALR's measuring period, updates or ``"epoch"`` (None:
+      ``methods.STUDY_EVERY``).
     noise: CG-ALR also measures its noise floor (``noise=True``).
     probe_size: samples in the fixed probe set (vector tasks).
     z_sequences: ``[runs, measurements]`` z values the ``cgalr_shuffled``
@@ -174,7 +176,8 @@ def train_runs(task: Task, method: str, lrs: Sequence[float],
   model, arr = task.model, task.arrays
   n_runs = len(seeds)
   want_trace = trace and spec.gated
-  options = dict(gate=dict(gate or {}), every=every, noise=noise)
+  options = dict(gate=None if gate is None else dict(gate), every=every,
+                 noise=noise)
   if task.is_graph:
     # All nodes in inference mode: the same fixed set for every seed.
     graph_probe = cflax.probe(model, (arr["x"], arr["adj"]), train=False)

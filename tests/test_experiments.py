@@ -376,6 +376,16 @@ def test_gate_study_criteria():
   assert choice["passed_a_and_b"] == [names[1]]
 
 
+def test_methods_use_the_gate_study_choice():
+  path = (Path(__file__).resolve().parents[1] / "experiments" / "results" /
+          "gate_study" / "choice.json")
+  choice = json.loads(path.read_text())
+  expect = {k: v for k, v in methods.STUDY_GATE.items() if k != "min_history"}
+  assert choice["gate"] == pytest.approx(expect)
+  assert choice["every"] == methods.STUDY_EVERY
+  assert methods.measuring_period(None, 16) == 16
+
+
 def test_summary_schema_from_a_tiny_run(tmp_path, capsys):
   tuned = tmp_path / "tuned.json"
   tuning.store_tuned("digits", {"cgalr_top": 0.1}, tuned)
