@@ -118,11 +118,9 @@ def host_matrix(m) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _upper_mask(num_nodes: int) -> np.ndarray:
-  """Read-only boolean mask of the strict upper triangle (cached per P).
-
-  Boolean-mask gathering is several times faster than ``np.triu_indices``
-  fancy indexing, which also rebuilds two index arrays on every call.
-  """
+  """Read-only boolean mask of the strict upper triangle (cached per P)."""
+  # Boolean-mask gathering beats np.triu_indices fancy indexing, which also
+  # rebuilds two index arrays on every call.
   mask = np.triu(np.ones((num_nodes, num_nodes), bool), k=1)
   mask.flags.writeable = False
   return mask
@@ -455,9 +453,10 @@ def _float_keys(x: jax.Array) -> jax.Array:
   """int32 keys whose integer order is the float order (``-0.0 < +0.0``).
 
   Flipping the magnitude bits of negative floats does it, and the map is its
-  own inverse (:func:`_keys_to_floats`). Integer compares and sorts are also
-  several times faster than float ones on XLA:CPU (no NaN semantics).
+  own inverse (:func:`_keys_to_floats`).
   """
+  # Integer compares, reductions and sorts are also cheaper than float ones
+  # on XLA:CPU, which must honour NaN semantics.
   bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
   return bits ^ (jax.lax.shift_right_arithmetic(bits, jnp.int32(31))
                  & jnp.int32(0x7FFFFFFF))
@@ -469,17 +468,19 @@ def _keys_to_floats(keys: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(keys ^ flip, jnp.float32)
 
 
-def _sort_floats(x: jax.Array) -> jax.Array:
-  """Exact ascending sort of float32 values through their integer keys."""
-  return _keys_to_floats(jax.lax.sort(_float_keys(x)))
-
-
 def _tree_keys_device(keys: jax.Array) -> jax.Array:
   """Prim's algorithm on the ``[P, P]`` keys of ``M``: the tree's weight keys.
 
-  O(P^2) work in P - 1 vector steps. On integer keys the per-step argmax is a
-  plain integer reduction, about twice as fast as the float one on XLA:CPU.
-  Returns the keys unsorted, in the order Prim adds them.
+  O(P^2) work in P - 1 vector steps; on integer keys the per-step argmax is
+  a plain integer reduction.
+
+  Args:
+    keys: int32 ``[P, P]`` keys (:func:`_float_keys`) of a symmetric
+      connectome, P >= 2.
+
+  Returns:
+    int32 ``[P - 1]`` keys of the tree's weights, in the order Prim adds
+    them.
   """
   p = keys.shape[0]
   in_tree = jnp.arange(p) == 0
@@ -519,7 +520,10 @@ def _radix_digit(keys: jax.Array, shift: int, bits: int) -> jax.Array:
 
 
 def _count(index: jax.Array, removed_index: jax.Array, size: int) -> jax.Array:
-  """Histogram of ``index`` minus that of ``removed_index`` (out of range: dropped)."""
+  """Histogram of ``index`` minus that of ``removed_index``.
+
+  Indices past ``size`` are dropped (the rows no rank needs).
+  """
   counts = jnp.zeros((size,), jnp.int32).at[index].add(1, mode="drop")
   return counts.at[removed_index].add(-1, mode="drop")
 
@@ -715,7 +719,8 @@ def top_summary_via_host(m: jax.Array, resolution: int):
   """
   m = jnp.asarray(m, jnp.float32)
   if m.ndim != 2 or m.shape[0] != m.shape[1]:
-    raise ValueError(f"connectome must be a square [P, P] matrix, got {m.shape}.")
+    raise ValueError(
+        f"connectome must be a square [P, P] matrix, got {m.shape}.")
   flat = np.flatnonzero(_upper_mask(m.shape[0])).astype(np.int32)
   shape = (jax.ShapeDtypeStruct((2, resolution), jnp.float32),
            jax.ShapeDtypeStruct((), jnp.bool_))

@@ -99,7 +99,7 @@ def reference_sets(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def reference_summary(m: np.ndarray, resolution: int) -> np.ndarray:
-  """``[2, K]`` quantiles ``x[floor((k + 1/2) n / K)]`` of the reference sets."""
+  """``[2, K]`` quantiles ``x[floor((k + 1/2) n / K)]`` of reference_sets."""
   births, deaths = reference_sets(m)
   out = np.zeros((2, resolution), m.dtype)
   out[0] = births[topology.quantile_ranks(births.shape[0], resolution)]
@@ -109,7 +109,7 @@ def reference_summary(m: np.ndarray, resolution: int) -> np.ndarray:
 
 
 def reference_measure(a: np.ndarray) -> np.ndarray:
-  """The reference pipeline from activations: float64 corrcoef, sets, summary."""
+  """The reference pipeline: float64 corrcoef, reference_sets, quantiles."""
   m = np.abs(np.corrcoef(a, rowvar=False))
   np.fill_diagonal(m, 0.0)
   return reference_summary(m, RESOLUTION)

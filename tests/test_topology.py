@@ -9,6 +9,9 @@ rounds on the host; sort or radix selection on the device). WD is tested in
 test_wd.py.
 """
 
+# The tests reach into the private paths each backend can take.
+# pylint: disable=protected-access
+
 from __future__ import annotations
 
 import collections
@@ -412,7 +415,7 @@ def sparse_host_tree(monkeypatch):
   Boruvka rounds do most of the work; the calls are counted.
   """
   calls = []
-  real = topology._boruvka_completion  # pylint: disable=protected-access
+  real = topology._boruvka_completion
 
   def counted(*args):
     calls.append(args[3])  # the number of components to join
@@ -431,7 +434,7 @@ def test_host_summary_is_exact(kind, p, sparse_host_tree):
   expected = exact_summary(m, 33)
   sparse = topology.top_summary_host(m, 33)
   np.testing.assert_array_equal(sparse, expected)
-  births = np.sort(topology._tree_weights_host(  # pylint: disable=protected-access
+  births = np.sort(topology._tree_weights_host(
       m[np.triu_indices(p, k=1)], p))
   np.testing.assert_array_equal(births, kruskal_sets(m)[0])
   sparse_host_tree.clear()
@@ -459,7 +462,7 @@ def test_host_summary_reads_the_upper_triangle_in_either_form():
 def test_condensed_rows_are_matrix_rows():
   m = awkward_matrix("uniform", 9, seed=0)
   nodes = np.array([0, 4, 8])
-  rows = topology._condensed_rows(  # pylint: disable=protected-access
+  rows = topology._condensed_rows(
       m[np.triu_indices(9, k=1)], 9, nodes)
   off_diagonal = nodes[:, None] != np.arange(9)[None, :]
   np.testing.assert_array_equal(rows[off_diagonal], m[nodes][off_diagonal])
@@ -473,7 +476,7 @@ def test_host_sparse_tree_really_runs_boruvka(sparse_host_tree):
 
 
 device_radix = jax.jit(
-    lambda m, k: topology._top_summary_device(m, k, radix=True),  # pylint: disable=protected-access
+    lambda m, k: topology._top_summary_device(m, k, radix=True),
     static_argnums=1)
 
 
@@ -499,13 +502,13 @@ def test_radix_selection_matches_sorting():
                          np.float32([0.0, -0.0, np.inf, -np.inf, 1e-38, -3.5])])
   values = rng.choice(pool, size=5000).astype(np.float32)
   removed = values[rng.choice(values.shape[0], size=700, replace=False)]
-  keys = topology._float_keys(values)  # pylint: disable=protected-access
-  removed_keys = topology._float_keys(removed)  # pylint: disable=protected-access
+  keys = topology._float_keys(values)
+  removed_keys = topology._float_keys(removed)
   left = collections.Counter(np.asarray(keys).tolist())
   left.subtract(collections.Counter(np.asarray(removed_keys).tolist()))
   left = np.sort(np.array(list(left.elements()), np.int32))
   ranks = np.unique(rng.integers(0, left.shape[0], 200))
-  got = jax.jit(topology._select_keys_device, static_argnums=2)(  # pylint: disable=protected-access
+  got = jax.jit(topology._select_keys_device, static_argnums=2)(
       keys, removed_keys, tuple(ranks))
   np.testing.assert_array_equal(np.asarray(got), left[ranks])
 
@@ -515,8 +518,8 @@ def test_default_paths_at_a_large_size(kind):
   # P = 800: the host's sparse tree and the device's radix selection are the
   # defaults here; K = 512 as in scale_by_connectome.
   p = 800
-  assert p * (p - 1) // 2 >= topology._SPARSE_TREE_MIN_EDGES  # pylint: disable=protected-access
-  assert p * (p - 1) // 2 >= topology._RADIX_MIN_EDGES  # pylint: disable=protected-access
+  assert p * (p - 1) // 2 >= topology._SPARSE_TREE_MIN_EDGES
+  assert p * (p - 1) // 2 >= topology._RADIX_MIN_EDGES
   m = awkward_matrix(kind, p, seed=1)
   expected = exact_summary(m, 512)
   np.testing.assert_array_equal(topology.top_summary_host(m, 512), expected)

@@ -169,8 +169,8 @@ def test_topology_reexports_wd_names():
   for name in ("persistence_diagrams", "diagram_distance", "wd_distance",
                "wd_summary_host", "wd_measure_via_host"):
     assert getattr(topology, name) is getattr(wd, name)
-  from cgalr_jax.topology import wd_distance as old_name  # pylint: disable=import-outside-toplevel
-  assert old_name is wd.wd_distance is wd_distance
+  from cgalr_jax.topology import wd_distance as old  # pylint: disable=C0415
+  assert old is wd.wd_distance is wd_distance
   with pytest.raises(AttributeError):
     getattr(topology, "no_such_name")
 
