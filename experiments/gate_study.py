@@ -1,10 +1,10 @@
 """Gate validation study: which gate constants CG-ALR uses by default.
 
 Validation splits only (test accuracy is never read). One learning rate per
-dataset (the stored ``cgalr_top`` choice in ``tuned.json``), the same for
-the gated runs, their ungated envelope (``rm_envelope``) and the shuffled
-control, on the tuning seeds (paired: same initialisation, batch order and
-probe set).
+dataset, the ungated envelope's own tuned rate (``rm_envelope`` in
+``tuned.json``: the gate must improve on a well-tuned envelope), the same
+for the gated runs, the envelope and the shuffled control, on the tuning
+seeds (paired: same initialisation, batch order and probe set).
 
 For every (dataset, variant) it writes ``OUT/<dataset>/<variant>.json`` as
 soon as the run finishes (an existing file is kept: the study resumes), and
@@ -68,6 +68,7 @@ VARIANTS = [
     _v("detr_z1.5_f1.1_epoch", every="epoch", **SYM),
     _v("trail_z1.5_epoch", score="trailing", every="epoch"),
 ]
+LR_FROM = "rm_envelope"
 PIN_LIMIT = 0.5
 AUTOCORR_MIN = 0.5
 
@@ -114,7 +115,7 @@ def study_dataset(dataset: str, out: Path, variants: Sequence[dict], *,
                   sources: Sequence[str] = ("probe",)) -> None:
   from experiments import train, tuning  # pylint: disable=import-outside-toplevel
   task = None
-  lr = tuning.stored_lr(dataset, "cgalr_top")
+  lr = tuning.stored_lr(dataset, LR_FROM)
   seed_list = tuning.tuning_seeds(seeds)
   env_path = out / dataset / "_envelope.json"
 
