@@ -33,7 +33,13 @@ shared machine.
    a step that skips the measurement costs), for each backend. The schema's ``cgalr_every1_ms``
    and ``cgalr_every10_ms`` are the ``backend="auto"`` ones. One repetition
    is one cycle of 10 steps; the figure is the time per step.
-4. ``state_bytes``: bytes of the CG-ALR optimiser state after a
+4. ``sources``: the reference MLP's step with each signal source at its
+   defaults (probe at the default ``every`` and at ``every=100``, pool,
+   batch every step and every 10th), in cycles of 100 steps.
+5. ``cadence``: the probe source at ``every`` in 10..200 on the
+   experiments' digits and mnist5k MLPs; the library's default ``every`` is
+   the smallest that keeps both within 5% of plain SGD.
+6. ``state_bytes``: bytes of the CG-ALR optimiser state after a
    measurement of P signals (its shapes are fixed: it must not grow with P).
 
 Activations are synthetic but structured: a LeakyReLU layer of random
@@ -417,7 +423,145 @@ def bench_step(reps: int, quick: bool, log) -> dict:
 
 
 # ----------------------------------------------------------------------------
-# 4. State size.
+# 4. Signal sources at their defaults, and the default cadence.
+
+# One repetition covers whole measuring periods of every variant compared.
+SOURCE_CYCLE = 100
+CADENCE_CYCLE = 200
+CADENCES = (10, 25, 50, 100, 200)
+TARGET_NON_MEASURING = 1.02  # every=100: essentially steps that skip
+TARGET_PROBE_DEFAULT = 1.05
+TARGET_POOL_DEFAULT = 1.10
+TARGET_BATCH_EVERY1 = 2.5
+TARGET_BATCH_EVERY10 = 1.15
+TARGET_RUN_GROWTH = 1.05  # digits and mnist5k MLP runs at the default cadence
+
+
+def make_activation_step(model, optimizer, x, y) -> Callable:
+  """A training step that passes its forward pass's activations (pool and
+  batch sources)."""
+  from cgalr_jax.flax import apply_with_activations  # pylint: disable=import-outside-toplevel
+
+  def step(params, opt_state):
+    def loss_fn(p):
+      logits, acts = apply_with_activations(model, {"params": p}, x)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, acts
+
+    (loss, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params,
+                                          activations=acts)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step
+
+
+def time_variants(model, params, x, y, variants: dict, steps: int,
+                  reps: int) -> tuple[dict, dict]:
+  """Median ms per step of each ``{name: (optimizer, passes_activations)}``,
+  timed interleaved in cycles of ``steps`` steps; and compile ms."""
+  calls, compile_ms = {}, {}
+  for name, (optimizer, with_acts) in variants.items():
+    opt_state = optimizer.init(params)
+    make = make_activation_step if with_acts else make_step
+    compiled, compile_ms[name] = compile_timed(
+        make(model, optimizer, x, y), params, opt_state)
+    carry = {"params": params, "opt_state": opt_state}
+
+    def cycle(c=compiled, carry=carry):
+      p, s = carry["params"], carry["opt_state"]
+      for _ in range(steps):
+        p, s, _ = c(p, s)
+      _block((p, s))
+      carry["params"], carry["opt_state"] = p, s
+
+    calls[name] = cycle
+  return ({k: v / steps for k, v in time_interleaved(calls, reps).items()},
+          compile_ms)
+
+
+def bench_sources(reps: int, quick: bool, log) -> dict:
+  """The reference MLP with each source at its default settings."""
+  from experiments import models as models_lib  # pylint: disable=import-outside-toplevel
+
+  hidden, probe_size = ((16, 8), 64) if quick else ((256, 128), PROBE_SIZE)
+  model, num_signals = models_lib.MLP(hidden=hidden), sum(hidden)
+  x_np, y_np, _ = training_batch(max(BATCH, probe_size), real=not quick)
+  x, y = jnp.asarray(x_np[:BATCH]), jnp.asarray(y_np[:BATCH])
+  params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
+  probe = flax_probe(model, jnp.asarray(x_np[:probe_size]))
+  cg = lambda **kw: cgalr_jax.cgalr(0.01, 0.9, **kw)  # noqa: E731
+  variants = {
+      "sgd": (optax.sgd(0.01, 0.9), False),
+      "probe_default": (cg(probe=probe), False),
+      "probe_every100": (cg(probe=probe, every=100), False),
+      "pool_default": (cg(pool=True, max_nodes=num_signals), True),
+      "batch_every1": (cg(every=1), True),
+      "batch_every10": (cg(every=10), True),
+  }
+  per_step, compile_ms = time_variants(model, params, x, y, variants,
+                                       SOURCE_CYCLE, reps)
+  base = per_step["sgd"]
+  log(f"  sources (MLP, P={num_signals}, every={transform.DEFAULT_EVERY} by "
+      "default): " + ", ".join(f"{k} {v:.2f} ms ({v / base:.3f}x)"
+                               for k, v in per_step.items()))
+  return {"sources": per_step, "sources_compile_ms": compile_ms,
+          "sources_signals": num_signals}
+
+
+def cadence_models(quick: bool):
+  """``{name: (model, x, y, probe inputs)}``: the digits and mnist5k MLPs of
+  the experiments, with their batch sizes."""
+  from experiments import models as models_lib  # pylint: disable=import-outside-toplevel
+
+  out = {}
+  if quick:
+    x_np, y_np, _ = training_batch(128, real=False)
+    return {"tiny": (models_lib.MLP(hidden=(16, 8)), x_np[:64], y_np[:64],
+                     x_np[:64])}
+  try:
+    from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+    dx, dy = load_digits(return_X_y=True)
+    dx = (dx / 16.0).astype(np.float32)
+    out["digits"] = (models_lib.MLP(hidden=(128, 64)), dx[:64],
+                     dy[:64].astype(np.int32), dx[:PROBE_SIZE])
+  except ImportError:
+    pass
+  x_np, y_np, _ = training_batch(PROBE_SIZE)
+  out["mnist5k"] = (models_lib.MLP(hidden=(128, 64)), x_np[:BATCH],
+                    y_np[:BATCH], x_np[:PROBE_SIZE])
+  return out
+
+
+def bench_cadence(reps: int, quick: bool, log) -> dict:
+  """Step cost of the probe source at several ``every`` on the experiments'
+  digits and mnist5k MLPs; the default ``every`` is the smallest that keeps
+  both within ``TARGET_RUN_GROWTH``."""
+  out = {"cadence": {}}
+  cadences = (10, 50) if quick else CADENCES
+  for name, (model, x_np, y_np, probe_np) in cadence_models(quick).items():
+    x, y = jnp.asarray(x_np), jnp.asarray(y_np)
+    params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
+    probe = flax_probe(model, jnp.asarray(probe_np))
+    variants = {"sgd": (optax.sgd(0.01, 0.9), False)}
+    variants.update({f"every{e}": (cgalr_jax.cgalr(0.01, 0.9, probe=probe,
+                                                   every=e), False)
+                     for e in cadences})
+    per_step, _ = time_variants(model, params, x, y, variants,
+                                CADENCE_CYCLE, reps)
+    out["cadence"][name] = per_step
+    base = per_step["sgd"]
+    log(f"  cadence {name}: sgd {base:.3f} ms; " + ", ".join(
+        f"{k} {v / base:.3f}x" for k, v in per_step.items() if k != "sgd"))
+  passing = [e for e in cadences if all(
+      r[f"every{e}"] <= TARGET_RUN_GROWTH * r["sgd"]
+      for r in out["cadence"].values())]
+  out["cadence_smallest_passing"] = min(passing) if passing else None
+  return out
+
+
+# ----------------------------------------------------------------------------
+# 5. State size.
 
 
 def state_bytes(num_signals: int, num_samples: int = 32) -> int:
@@ -480,6 +624,29 @@ def targets(result: dict) -> list[tuple[str, str, bool]]:
       shown = f"{ratio:.2f}x ({auto}" + (f"; {others})" if others else ")")
       rows.append((f"MLP step with CG-ALR {label.replace('every', 'every=')}"
                    f" <= {need:g}x SGD", shown, ratio <= need))
+  if "sources" in result:
+    src = result["sources"]
+    ratio = lambda k: src[k] / src["sgd"]  # noqa: E731
+    for key, need, label in (
+        ("probe_every100", TARGET_NON_MEASURING,
+         "probe source at every=100 (non-measuring steps)"),
+        ("probe_default", TARGET_PROBE_DEFAULT,
+         f"probe source at the default every={transform.DEFAULT_EVERY}"),
+        ("pool_default", TARGET_POOL_DEFAULT, "pool source at its defaults"),
+        ("batch_every1", TARGET_BATCH_EVERY1, "batch source, every=1"),
+        ("batch_every10", TARGET_BATCH_EVERY10, "batch source, every=10")):
+      rows.append((f"reference MLP step, {label}, <= {need:g}x SGD",
+                   f"{ratio(key):.3f}x", ratio(key) <= need))
+  if "cadence" in result:
+    key = f"every{transform.DEFAULT_EVERY}"
+    shown = ", ".join(f"{name} {r[key] / r['sgd']:.3f}x"
+                      for name, r in result["cadence"].items() if key in r)
+    ok = all(r[key] <= TARGET_RUN_GROWTH * r["sgd"]
+             for r in result["cadence"].values() if key in r)
+    rows.append((f"experiments' MLP steps at the default every="
+                 f"{transform.DEFAULT_EVERY} <= {TARGET_RUN_GROWTH:g}x SGD "
+                 f"(smallest passing every: "
+                 f"{result['cadence_smallest_passing']})", shown, ok))
   if result.get("wd"):
     worst = max(result["wd"].values())
     rows.append((f"WD (default {transform.DEFAULT_WD_MAX_NODES}-node budget) "
@@ -570,6 +737,18 @@ def table(result: dict) -> str:
                  if (key := f"cgalr_{label}_{b}_ms") in s]
         if cells:
           lines.append(f"    CG-ALR {b:<7} " + ", ".join(cells))
+  if "sources" in result:
+    base = result["sources"]["sgd"]
+    lines += ["", f"Signal sources, reference MLP (P="
+              f"{result['sources_signals']}), median ms per step (ratio to "
+              "SGD):", "  " + ", ".join(
+                  f"{k} {v:.2f} ({v / base:.3f}x)"
+                  for k, v in result["sources"].items())]
+  if "cadence" in result:
+    lines += ["", "Probe source by every=, ratio to SGD per step:"]
+    for name, r in result["cadence"].items():
+      lines.append(f"  {name} (sgd {r['sgd']:.3f} ms): " + ", ".join(
+          f"{k} {v / r['sgd']:.3f}x" for k, v in r.items() if k != "sgd"))
   if "state_bytes" in result:
     lines += ["", "State bytes after a measurement: " + ", ".join(
         f"P={p}: {n}" for p, n in result["state_bytes"].items())]
@@ -632,6 +811,8 @@ def run(out: Path, *, sizes: Sequence[int] = SIZES,
       "WD cost": lambda: bench_wd(wd_sizes, wd_reference_sizes, reps,
                                   ripser_limit, log),
       "training step": lambda: bench_step(reps, quick, log),
+      "sources": lambda: bench_sources(reps, quick, log),
+      "cadence": lambda: bench_cadence(reps, quick, log),
       "state size": lambda: {"state_bytes": {
           str(p): state_bytes(p) for p in state_sizes}},
   }

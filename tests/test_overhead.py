@@ -35,6 +35,12 @@ def test_cli_writes_the_schema(tmp_path, capsys):
   step = result["step"]["mlp"]
   for key in ("sgd_ms", "cgalr_every1_ms", "cgalr_every10_ms"):
     assert positive(step[key])
+  assert set(result["sources"]) == {"sgd", "probe_default", "probe_every100",
+                                    "pool_default", "batch_every1",
+                                    "batch_every10"}
+  assert all(positive(v) for v in result["sources"].values())
+  assert set(result["cadence"]["tiny"]) == {"sgd", "every10", "every50"}
+  assert result["cadence_smallest_passing"] in (None, 10, 50)
   assert result["state_bytes"] == {"4": result["state_bytes"]["4096"],
                                    "4096": result["state_bytes"]["4"]}
   assert isinstance(result["state_bytes"]["4"], int)
