@@ -228,6 +228,10 @@ def scale_by_connectome(
       ``"channels_first"`` (``[N, C, ...]``) or ``"time_major"``
       (``[T, N, ..., C]``).
 
+  Under ``jax.vmap`` over optimizer states the measuring ``lax.cond``
+  depends on a batched counter and becomes a ``select``: every update then
+  pays for a measurement. Map such runs with ``jax.lax.map`` instead.
+
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` is
     ``update(updates, state, params=None, *, activations=None)``.
