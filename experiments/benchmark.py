@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ def _measured(res: dict) -> dict:
 
 def run(dataset: str, seeds: int, out: Path, method_names: Sequence[str], *,
         do_tune: bool = False, tune_missing: bool = False,
-        tune_seeds: int = 2, grid_size: int = 5,
+        tune_seeds: int = 2, grid_size: int = tuning.GRID_SIZE,
         epochs: int | None = None, arch: str | None = None,
         data_dir: str | None = None, tuned_path: Path = tuning.TUNED_PATH,
         dataset_obj: data_lib.Dataset | None = None,
@@ -102,18 +103,36 @@ def run(dataset: str, seeds: int, out: Path, method_names: Sequence[str], *,
         best = values.index(lr)
         ref_tuning = {"scale": raw["scale"][best * tune_seeds:
                                             (best + 1) * tune_seeds]}
+        with open(out / "runs" / "ref_tuning.pkl", "wb") as f:
+          pickle.dump((dict(cache_key, lr=lr), ref_tuning), f)
       return lr, entry
     return tuning.stored_lr(dataset, spec.name, tuned_path), entry
+
+  # Finished methods are kept in OUT/runs/<name>.pkl (resume): a rerun with
+  # the same dataset, seeds, budget and learning rate reuses them.
+  cache_dir = out / "runs"
+  cache_dir.mkdir(exist_ok=True)
+  cache_key = {"seeds": seeds, "epochs": task.epochs,
+               "steps_per_epoch": task.steps_per_epoch, "arch": arch}
 
   def train_method(name, **options):
     spec = methods_lib.METHODS[name]
     lr, entry = lr_of(spec)
+    cached = cache_dir / f"{name}.pkl"
+    if cached.exists():
+      with open(cached, "rb") as f:
+        key, res = pickle.load(f)
+      if key == dict(cache_key, lr=lr):
+        bar.update(task.epochs)
+        return res
     bar.set_description(f"{dataset} {name}")
     t0 = time.perf_counter()
     res = train_lib.train_runs(task, name, [1.0 if lr is None else lr] * seeds,
                                list(range(seeds)), progress=bar, **options)
     res.update(entry, wall_s=time.perf_counter() - t0, lr=lr,
                family=spec.family)
+    with open(cached, "wb") as f:
+      pickle.dump((dict(cache_key, lr=lr), res), f)
     return res
 
   order = sorted(names, key=lambda n: (n != REFERENCE, bool(specs[n].needs)))
@@ -133,9 +152,16 @@ def run(dataset: str, seeds: int, out: Path, method_names: Sequence[str], *,
       options["z_sequences"] = np.stack(
           [train_lib.shuffle_z(z[s], s, start) for s in range(seeds)])
     if spec.needs == "scale_trajectory":
+      lr = tuning.stored_lr(dataset, REFERENCE, tuned_path)
+      ref_file = cache_dir / "ref_tuning.pkl"
+      if ref_tuning is None and ref_file.exists():
+        with open(ref_file, "rb") as f:
+          key, kept = pickle.load(f)
+        if key == dict(cache_key, lr=lr) and (
+            kept["scale"].shape[0] >= tune_seeds):
+          ref_tuning = kept
       if ref_tuning is None:
         bar.set_description(f"{dataset} {REFERENCE} on tuning seeds")
-        lr = tuning.stored_lr(dataset, REFERENCE, tuned_path)
         raw = train_lib.train_runs(task, REFERENCE, [lr] * tune_seeds,
                                    tuning.tuning_seeds(tune_seeds))
         ref_tuning = {"scale": raw["scale"]}
@@ -210,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="with --tune: keep learning rates already stored "
                       "for this dataset, tune only the missing ones (resume)")
   parser.add_argument("--tune-seeds", type=int, default=2)
-  parser.add_argument("--grid", type=int, default=5,
+  parser.add_argument("--grid", type=int, default=tuning.GRID_SIZE,
                       help="learning rates per tuning grid")
   parser.add_argument("--epochs", type=int, default=None)
   parser.add_argument("--arch", choices=("mlp", "cnn", "gcn"), default=None)

@@ -27,7 +27,13 @@ import numpy as np
 
 from experiments import stats
 
-ORDER = ("digits", "mnist1d", "mnist5k", "cora", "citeseer")
+ORDER = ("digits", "mnist1d", "mnist5k", "mnist5k_cnn", "cora", "citeseer")
+# The comparisons of the claim table: (label, method or family for "best").
+CLAIMS = (("best SGD", "family:sgd"), ("best Adam", "family:adam"),
+          ("DoG", "dog"), ("Prodigy", "prodigy"),
+          ("RM envelope (ungated)", "rm_envelope"),
+          ("shuffled-z control", "cgalr_shuffled"),
+          ("open-loop replay", "cgalr_replay"))
 REFERENCE = "cgalr_top"
 GATE_CODES = "gate codes: -1 BRAKE (scale x brake), 0 HOLD, +1 BOOST (scale x boost)"
 RED_MEANING = ("RED = (err_cgalr_top - err_base) / err_base per seed, paired; "
@@ -162,7 +168,8 @@ def table(summary: dict) -> str:
 # Families of summaries written before summary.json recorded them.
 _LEGACY_FAMILY = {"sgd_const": "sgd", "sgd_step": "sgd", "sgd_exp": "sgd",
                   "sgd_cosine": "sgd", "plateau": "sgd", "adam_const": "adam",
-                  "adam_cosine": "adam"}
+                  "adam_cosine": "adam", "dog": "free", "prodigy": "free",
+                  "rm_envelope": "envelope"}
 
 
 def best_by_val(summary: dict, family: str) -> str | None:
@@ -174,17 +181,22 @@ def best_by_val(summary: dict, family: str) -> str | None:
       [v if v is not None else 0.0 for v in summary["methods"][n]["val_acc"]]))
 
 
+def claim_targets(summary: dict) -> list[tuple[str, str | None]]:
+  """``(label, method)`` of each claim comparison (None: not run)."""
+  out = []
+  for label, target in CLAIMS:
+    name = (best_by_val(summary, target.split(":")[1])
+            if target.startswith("family:") else target)
+    out.append((label, name if name in summary["red"] else None))
+  return out
+
+
 def claim_rows(summary: dict) -> list[str]:
   m = summary["methods"][REFERENCE]
   low, high = m["test_acc_ci"]
   rows = []
-  for label, name in (("best SGD", best_by_val(summary, "sgd")),
-                      ("best Adam", best_by_val(summary, "adam")),
-                      ("DoG", "dog"), ("prodigy", "prodigy"),
-                      ("RM envelope", "rm_envelope"),
-                      ("shuffled z", "cgalr_shuffled"),
-                      ("open-loop replay", "cgalr_replay")):
-    if name is None or name not in summary["red"]:
+  for label, name in claim_targets(summary):
+    if name is None:
       continue
     r = summary["red"][name]
     rows.append(
@@ -194,6 +206,146 @@ def claim_rows(summary: dict) -> list[str]:
         f"{r['mean']:+.3f} [{_fmt(r['ci_low'], '+.3f')}, "
         f"{_fmt(r['ci_high'], '+.3f')}] | {verdict(r)} |")
   return rows
+
+
+def win_tie_loss(summaries: Sequence[dict]) -> str:
+  """Markdown: one row per claim comparison, one column per dataset (the
+  verdict and RED's mean), and the win/tie/loss count."""
+  present = [s for s in summaries if REFERENCE in s["methods"]]
+  head = "| CG-ALR (TOP) vs | " + " | ".join(
+      s["dataset"] for s in present) + " | win/tie/loss |"
+  lines = [head, "|---" * (len(present) + 2) + "|"]
+  for k, (label, _) in enumerate(CLAIMS):
+    cells, counts = [], {"win": 0, "tie": 0, "loss": 0}
+    for s in present:
+      name = claim_targets(s)[k][1]
+      if name is None:
+        cells.append("not run")
+        continue
+      r = s["red"][name]
+      v = verdict(r)
+      counts[v] += 1
+      who = f" ({name})" if label.startswith("best") else ""
+      cells.append(f"{v} {r['mean']:+.3f}{who}")
+    lines.append(f"| {label} | " + " | ".join(cells) +
+                 f" | {counts['win']}/{counts['tie']}/{counts['loss']} |")
+  return "\n".join(lines) + "\n"
+
+
+BASELINE_FAMILIES = ("sgd", "adam", "free", "envelope")
+
+
+def convergence(summary: dict) -> dict:
+  """Is the budget long enough? The best baseline (highest mean final
+  validation accuracy among SGD, Adam, DoG/Prodigy and the envelope) and
+  the best constant-rate SGD and Adam runs: mean validation curve over
+  seeds, its mean over the epochs in [80%, 90%) and [90%, 100%] of training
+  and the change between them (flat: |change| < 0.005, half a point)."""
+  out = {}
+  best = max((n for n, m in summary["methods"].items()
+              if (m.get("family") or _LEGACY_FAMILY.get(n))
+              in BASELINE_FAMILIES),
+             key=lambda n: np.mean([v or 0.0 for v in
+                                    summary["methods"][n]["val_acc"]]),
+             default=None)
+  for label, name in (("best baseline", best), ("sgd_const", "sgd_const"),
+                      ("adam_const", "adam_const")):
+    if name not in summary["methods"]:
+      continue
+    v = np.array([np.nan if x is None else x for x in
+                  summary["methods"][name]["curve_val_acc"]])
+    n = len(v)
+    a, b = v[int(0.8 * n):int(0.9 * n)], v[int(0.9 * n):]
+    change = float(np.nanmean(b) - np.nanmean(a))
+    out[label] = {"method": name, "val_80_90": float(np.nanmean(a)),
+                  "val_90_100": float(np.nanmean(b)), "change": change,
+                  "flat": abs(change) < 0.005}
+  return out
+
+
+def convergence_table(summaries: Sequence[dict]) -> str:
+  lines = ["| dataset | budget | best baseline (by val) | val acc, 80-90% / "
+           "90-100% of training | change | flat | sgd_const change | "
+           "adam_const change |", "|---|---|---|---|---|---|---|---|"]
+  for s in summaries:
+    c = convergence(s)
+    if "best baseline" not in c:
+      continue
+    cfg = s.get("config", {})
+    budget = (f"{cfg.get('epochs')} x {cfg.get('steps_per_epoch')} = "
+              f"{cfg.get('epochs', 0) * cfg.get('steps_per_epoch', 0)} "
+              "updates")
+    b = c["best baseline"]
+    extra = [f"{c[k]['change']:+.4f}" if k in c else "—"
+             for k in ("sgd_const", "adam_const")]
+    lines.append(f"| {s['dataset']} | {budget} | {b['method']} | "
+                 f"{b['val_80_90']:.4f} / {b['val_90_100']:.4f} | "
+                 f"{b['change']:+.4f} | {'yes' if b['flat'] else 'NO'} | "
+                 + " | ".join(extra) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_convergence(summaries: Sequence[dict], out: Path) -> None:
+  """``convergence.png``: per dataset, the mean validation curve of the
+  best baseline and of the best SGD and Adam schedules, last 20% shaded."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  summaries = [s for s in summaries if "best baseline" in convergence(s)]
+  if not summaries:
+    return
+  fig, axes = plt.subplots(1, len(summaries),
+                           figsize=(3.6 * len(summaries), 3.2), squeeze=False)
+  for ax, s in zip(axes[0], summaries):
+    spe = s.get("config", {}).get("steps_per_epoch", 1)
+    names = {convergence(s)["best baseline"]["method"],
+             best_by_val(s, "sgd"), best_by_val(s, "adam"), "sgd_const",
+             "rm_envelope", REFERENCE}
+    for name in sorted(n for n in names if n in s["methods"]):
+      v = np.array([np.nan if x is None else x
+                    for x in s["methods"][name]["curve_val_acc"]])
+      ax.plot(np.arange(1, len(v) + 1) * spe, v, label=name,
+              linewidth=2 if name == REFERENCE else 1)
+    n = len(v) * spe
+    ax.axvspan(0.8 * n, n, color="0.9")
+    top = max(np.nanmax(s["methods"][k]["curve_val_acc"]) for k in names
+              if k in s["methods"])
+    ax.set_ylim(top - 0.12, top + 0.01)
+    ax.set_title(f"{s['dataset']} ({s['seeds']} seeds)")
+    ax.set_xlabel("update")
+    ax.set_ylabel("validation acc (mean)")
+    ax.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(out / "convergence.png", dpi=100)
+  plt.close(fig)
+
+
+def load_summaries(results: Path) -> list[dict]:
+  out = []
+  for name in ORDER:
+    path = results / name / "summary.json"
+    if path.exists():
+      out.append(json.loads(path.read_text()))
+  return out
+
+
+def comparison_text(results: Path) -> str:
+  """Every dataset's table, the claim table and the win/tie/loss table."""
+  summaries = load_summaries(results)
+  parts = [table(s) for s in summaries]
+  parts.append("### CG-ALR (TOP) against each baseline, paired by seed\n\n"
+               + RED_MEANING + "\n\n"
+               "| dataset | cgalr_top test acc [95% CI] | baseline (its acc) | "
+               "RED [95% CI] | verdict |\n|---|---|---|---|---|\n" +
+               "\n".join(r for s in summaries if REFERENCE in s["methods"]
+                         for r in claim_rows(s)) + "\n")
+  parts.append("### Win / tie / loss (RED's 95% CI below / across / above "
+               "0; the cell's number is RED's mean)\n\n"
+               + win_tie_loss(summaries))
+  parts.append("### Budgets: is the best baseline flat over the last 20%?"
+               "\n\n" + convergence_table(summaries))
+  plot_convergence(summaries, results)
+  return "\n".join(parts)
 
 
 def one_line_verdict(summary: dict) -> str:
@@ -276,19 +428,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("results", type=Path)
   args = parser.parse_args(argv)
-  summaries = []
-  for name in ORDER:
-    path = args.results / name / "summary.json"
-    if path.exists():
-      summaries.append(json.loads(path.read_text()))
-  for s in summaries:
-    print(table(s))
-  print("| dataset | cgalr_top test acc [95% CI] | baseline (its acc) | "
-        "RED [95% CI] | verdict |")
-  print("|---|---|---|---|---|")
-  for s in summaries:
-    if REFERENCE in s["methods"]:
-      print("\n".join(claim_rows(s)))
+  print(comparison_text(args.results))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Learning-rate grids, the tuned-rate store and seed offsets (DESIGN.md 5).
 
-* :func:`grid`: ``size`` log-spaced rates over two decades around the
-  method family's centre (the same size for every tuned method).
+* :func:`grid`: ``size`` (4) log-spaced rates over ``decades`` (1.5) around
+  the method family's centre (the same size for every tuned method).
 * :func:`tune`: the best rate of a grid by validation accuracy (mean over
   tuning seeds of the validation accuracy averaged over the last 10% of
   epochs). Test data are never used for a choice.
@@ -36,7 +36,12 @@ def tuning_seeds(n: int) -> list[int]:
   return [TUNE_SEED_OFFSET + s for s in range(n)]
 
 
-def grid(name: str, size: int = 5, decades: float = 2.0) -> list[float]:
+GRID_SIZE = 4  # the same for every tuned method
+GRID_DECADES = 1.5
+
+
+def grid(name: str, size: int = GRID_SIZE,
+         decades: float = GRID_DECADES) -> list[float]:
   """``size`` log-spaced learning rates over ``decades``, centred per method."""
   method = methods_lib.METHODS[name]
   if size == 1:

@@ -124,9 +124,9 @@ def test_registry_has_every_method_of_the_protocol():
 
 def test_grid_same_size_for_every_tuned_method():
   sizes = {len(tuning.grid(n)) for n, m in methods.METHODS.items() if m.tuned}
-  assert sizes == {5}
-  g = tuning.grid("sgd_const")
-  assert g[2] == methods.SGD_CENTRE and g[-1] / g[0] == pytest.approx(100)
+  assert sizes == {tuning.GRID_SIZE}
+  assert tuning.grid("sgd_const") == [0.0316, 0.1, 0.316, 1.0]
+  assert tuning.grid("adam_cosine") == [0.001, 0.00316, 0.01, 0.0316]
 
 
 def _tiny_problem():
