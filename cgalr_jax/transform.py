@@ -23,10 +23,10 @@ from cgalr_jax.gate import GateConfig
 
 # WD runs Vietoris-Rips persistence on the host: always under a node budget.
 DEFAULT_WD_MAX_NODES = 64
-# Measure on every DEFAULT_EVERY-th update: with the probe source and a
-# probe of 512 samples this keeps the MLP benchmarks' training time within
-# 5% (README, Performance).
-DEFAULT_EVERY = 10
+# Measure on every DEFAULT_EVERY-th update: the cadence at which
+# `python -m experiments.overhead` finds the probe source's cost closest to
+# its 5% budget on the experiments' MLPs (README, Performance).
+DEFAULT_EVERY = 100
 DEFAULT_RESOLUTION = 512
 # Above these node counts one measurement costs about a second on a CPU
 # (README, Performance): construction-time guidance, not a limit.
@@ -203,7 +203,8 @@ def scale_by_connectome(
       consecutive distance (``"even_distance"``, ``"odd_distance"``): the
       sampling-noise floor and its health check.
       Costs two more summaries per measurement and needs at least 6 samples.
-    every: measure on every ``every``-th update (default 10).
+    every: measure on every ``every``-th update (default 100; for short
+      runs, about once per epoch).
     window: past distances the robust score reads (default 20).
     min_history: distances needed before the gate may act (default 5).
     enter_z, exit_z, boost, brake, min_scale, max_scale, score: the gate
