@@ -8,6 +8,7 @@ turns the distance stream into a scale, and the transform applies it.
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 import warnings
 from typing import Any, Callable, NamedTuple, Sequence
@@ -520,28 +521,7 @@ def cgalr(
     momentum: float | None = 0.9,
     nesterov: bool = False,
     accumulator_dtype: Any | None = None,
-    *,
-    distance: str = "top",
-    probe: Callable[[Any], Any] | None = None,
-    pool: bool = False,
-    noise: bool = False,
-    every: int | None = None,
-    window: int | None = None,
-    min_history: int | None = None,
-    enter_z: float = GateConfig.enter_z,
-    exit_z: float = GateConfig.exit_z,
-    boost: float = GateConfig.boost,
-    brake: float = GateConfig.brake,
-    min_scale: float = GateConfig.min_scale,
-    max_scale: float = GateConfig.max_scale,
-    score: str = GateConfig.score,
-    max_nodes: int | None = None,
-    resolution: int | None = None,
-    seed: int | None = None,
-    backend: str = "auto",
-    select: str | Sequence[Any] | Callable[[Any], Any] | None = None,
-    axis_name: Any = None,
-    layout: str | None = None,
+    **connectome_kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """SGD with momentum whose step is scaled by CG-ALR.
 
@@ -565,10 +545,9 @@ def cgalr(
     nesterov: use Nesterov momentum.
     accumulator_dtype: dtype of the momentum accumulator (default: the
       params' dtype).
-    distance, probe, pool, noise, every, window, min_history, enter_z,
-      exit_z, boost, brake, min_scale, max_scale, score, max_nodes,
-      resolution, seed, backend, select, axis_name, layout: see
-      :func:`scale_by_connectome`.
+    **connectome_kwargs: the keywords of :func:`scale_by_connectome`
+      (``distance``, ``probe``, ``every``, the gate's settings...); the
+      signature names each of them.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -588,14 +567,19 @@ def cgalr(
   if momentum is not None:
     parts.append(optax.trace(decay=momentum, nesterov=nesterov,
                              accumulator_dtype=accumulator_dtype))
-  parts.append(scale_by_connectome(
-      distance, probe=probe, pool=pool, noise=noise, every=every,
-      window=window, min_history=min_history, enter_z=enter_z, exit_z=exit_z,
-      boost=boost, brake=brake, min_scale=min_scale, max_scale=max_scale,
-      score=score, max_nodes=max_nodes, resolution=resolution, seed=seed,
-      backend=backend, select=select, axis_name=axis_name, layout=layout))
+  parts.append(scale_by_connectome(**connectome_kwargs))
   parts.append(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(*parts)
+
+
+# cgalr's signature lists scale_by_connectome's keywords by name: unknown
+# keywords are then a TypeError, and optax.inject_hyperparams (which binds
+# arguments by signature) can see and inject the gate's settings.
+cgalr.__signature__ = inspect.Signature(
+    list(inspect.signature(cgalr).parameters.values())[:4] + [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for p in inspect.signature(scale_by_connectome).parameters.values()],
+    return_annotation=optax.GradientTransformationExtraArgs)
 
 
 def find_states(opt_state: Any) -> list[ScaleByConnectomeState]:

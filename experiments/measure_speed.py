@@ -41,7 +41,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -51,6 +50,7 @@ import numpy as np
 
 import cgalr_jax
 from cgalr_jax import topology
+from experiments.overhead import time_interleaved
 
 SIZES = (256, 512, 1024, 2048)
 NUM_SAMPLES = 256
@@ -142,21 +142,6 @@ def pipeline(module: Any, backend: str) -> Callable:
     return module.top_summary_via_host(m, RESOLUTION)[0]
 
   return jax.jit(measure)
-
-
-def time_interleaved(calls: dict[str, Callable[[], Any]], reps: int,
-                     warmup: int = 2) -> dict[str, float]:
-  """Median milliseconds per call of each function, timed round-robin."""
-  for _ in range(warmup):
-    for fn in calls.values():
-      fn()
-  times: dict[str, list[float]] = {name: [] for name in calls}
-  for _ in range(reps):
-    for name, fn in calls.items():
-      start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
-  return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
 
 
 # ----------------------------------------------------------------------------
