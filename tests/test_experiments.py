@@ -424,3 +424,49 @@ def test_summary_schema_from_a_tiny_run(tmp_path, capsys):
   for needle in ("distance/noise", "agree", "summary.json", "RED =",
                  "BRAKE", "verdict:"):
     assert needle in text
+  # Resume: finished methods are read back from OUT/runs, not retrained.
+  assert (tmp_path / "out" / "runs" / "cgalr_top.pkl").exists()
+  again = benchmark.run("digits", 2, tmp_path / "out", names, epochs=2,
+                        tune_seeds=1, tuned_path=tuned,
+                        dataset_obj=_small_digits(), quiet=True)
+  for name in names:
+    assert again["methods"][name]["test_acc"] == (
+        summary["methods"][name]["test_acc"])
+    assert again["methods"][name]["wall_s"] == (
+        summary["methods"][name]["wall_s"])
+
+
+def _fake_summary(dataset, ref_acc, others):
+  methods_ = {"cgalr_top": {"family": "cgalr", "test_acc": ref_acc}}
+  for name, (family, acc, val) in others.items():
+    methods_[name] = {"family": family, "test_acc": acc, "val_acc": val,
+                      "test_acc_mean": float(np.mean(acc)),
+                      "curve_val_acc": [0.5] + [0.9] * 9}
+  methods_["cgalr_top"].update(val_acc=[0.9] * 3, test_acc_mean=float(
+      np.mean(ref_acc)), test_acc_ci=[0.0, 1.0],
+                               curve_val_acc=[0.5] * 10)
+  red = {n: stats.red(ref_acc, m["test_acc"]) for n, m in methods_.items()
+         if n != "cgalr_top"}
+  return {"dataset": dataset, "seeds": 3, "methods": methods_, "red": red,
+          "config": {"epochs": 10, "steps_per_epoch": 2}}
+
+
+def test_win_tie_loss_and_convergence_tables():
+  s = _fake_summary("digits", [0.9, 0.91, 0.92], {
+      "sgd_const": ("sgd", [0.8, 0.8, 0.8], [0.8] * 3),      # cgalr wins
+      "sgd_cosine": ("sgd", [0.95, 0.95, 0.95], [0.7] * 3),  # lower val
+      "adam_const": ("adam", [0.95, 0.96, 0.95], [0.9] * 3),  # cgalr loses
+      "dog": ("free", [0.9, 0.915, 0.91], [0.9] * 3)})        # tie
+  text = report.win_tie_loss([s])
+  rows = {line.split(" | ")[0].strip("| "): line for line in
+          text.splitlines()[2:]}
+  # "best SGD" is picked by validation accuracy, not test accuracy.
+  assert "win" in rows["best SGD"] and "(sgd_const)" in rows["best SGD"]
+  assert rows["best SGD"].endswith("| 1/0/0 |")
+  assert rows["best Adam"].endswith("| 0/0/1 |")
+  assert rows["DoG"].endswith("| 0/1/0 |")
+  assert "not run" in rows["Prodigy"]
+  conv = report.convergence(s)
+  assert conv["best baseline"]["method"] in ("adam_const", "dog")
+  assert conv["best baseline"]["flat"]
+  assert "| digits | 10 x 2 = 20 updates |" in report.convergence_table([s])
