@@ -303,7 +303,7 @@ def usable(stats: SignalStats) -> jax.Array:
 # On CPU the device (XLA) backend wins below this many signals and the host
 # backend (NumPy through a callback) from it; measured by
 # ``python -m experiments.overhead`` (README, Performance).
-HOST_MIN_NODES_ON_CPU = 512
+HOST_MIN_NODES_ON_CPU = 256
 
 
 def resolve_backend(backend: str, distance: str,
