@@ -25,6 +25,7 @@ import cgalr_jax
 from cgalr_jax.flax import probe, tap
 
 PROBE_SIZE = 512
+EVERY = 10  # measuring period of this short run (updates)
 
 
 class MLP(nn.Module):
@@ -59,8 +60,10 @@ def train(steps: int = 400, batch_size: int = 128, seed: int = 0):
   rng = np.random.default_rng(seed)
   # The probe: a fixed set of training samples, chosen once.
   probe_x = x_train[rng.choice(len(y_train), PROBE_SIZE, replace=False)]
+  # A short run: measure every EVERY updates instead of the default 100.
   optimizer = cgalr_jax.cgalr(cgalr_jax.robbins_monro(0.1, t0=200.0),
-                              probe=probe(model, probe_x), noise=True)
+                              probe=probe(model, probe_x), noise=True,
+                              every=EVERY)
   opt_state = optimizer.init(params)
 
   @jax.jit

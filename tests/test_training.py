@@ -21,7 +21,7 @@ def test_flax_mlp_on_digits_with_the_probe_source():
   assert np.all((scales >= 0.25) & (scales <= 4.0))
   assert np.ptp(scales) > 0                     # the gate moved the scale
   # Every 10th update measures the probe (the first is the reference).
-  every = cgalr_jax.transform.DEFAULT_EVERY
+  every = quickstart.EVERY
   assert trace[-1]["measured"] == steps // every
   assert trace[-1]["skipped"] == 0
   ms = quickstart.measurements(trace)
