@@ -12,6 +12,7 @@ import math
 import re
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import optax
 import pytest
@@ -40,8 +41,13 @@ def test_one_line_block_builds_a_working_optimizer():
   exec(compile(PYTHON_BLOCKS[0], "README.md[python 0]", "exec"), namespace)  # pylint: disable=exec-used
   optimizer = namespace["optimizer"]
   assert isinstance(optimizer, optax.GradientTransformationExtraArgs)
-  state = optimizer.init({"w": jnp.zeros(3)})
+  params = {"w1": jnp.full((12, 16), 0.1)}
+  state = optimizer.init(params)
   assert float(cgalr_jax.diagnostics(state)["scale"]) == 1.0
+  step = jax.jit(optimizer.update)
+  for _ in range(200):  # no activations passed: the probe is the source
+    _, state = step(params, state, params)
+  assert int(cgalr_jax.diagnostics(state)["measured"]) == 2  # every 100th
 
 
 def test_flax_training_loop_block_runs_as_written():
@@ -50,14 +56,17 @@ def test_flax_training_loop_block_runs_as_written():
   with contextlib.redirect_stdout(out):
     exec(compile(PYTHON_BLOCKS[1], "README.md[python 1]", "exec"), namespace)  # pylint: disable=exec-used
   rows = [line.split() for line in out.getvalue().splitlines()]
-  assert [int(r[0]) for r in rows] == list(range(0, 300, 50))
+  assert [int(r[0]) for r in rows] == list(range(49, 300, 50))
   losses = [float(r[1]) for r in rows]
   assert all(math.isfinite(l) for l in losses)
   assert losses[-1] < losses[0] / 2  # it trains
+  gate = cgalr_jax.GateConfig()
   for row in rows:
-    assert 0.1 <= float(row[2]) <= 4.0 and int(row[3]) in (-1, 0, 1)
-  diag = cgalr_jax.diagnostics(namespace["opt_state"])
-  assert int(diag["measured"]) == 300 and int(diag["skipped"]) == 0
+    assert gate.min_scale <= float(row[2]) <= gate.max_scale
+    assert int(row[3]) in (-1, 0, 1)
+  # An unmodified TrainState loop: the probe measured every 10th update.
+  diag = cgalr_jax.diagnostics(namespace["state"].opt_state)
+  assert int(diag["measured"]) == 30 and int(diag["skipped"]) == 0
 
 
 @pytest.mark.parametrize("index", range(2, len(PYTHON_BLOCKS)))
@@ -76,7 +85,7 @@ def test_api_table_matches_the_code():
   rows = re.findall(r"^\| `(\w+)\((.*?)\)` \|", README, flags=re.M)
   names = {name for name, _ in rows}
   assert {"scale_by_connectome", "cgalr", "robbins_monro", "connectome",
-          "top_distance", "wd_distance", "diagnostics"} <= names
+          "top_distance", "wd_distance", "diagnostics", "GateConfig"} <= names
   for name, args in rows:
     fn = getattr(cgalr_jax, name)
     params = inspect.signature(fn).parameters
