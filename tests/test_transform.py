@@ -300,7 +300,8 @@ def test_activations_none_measures_nothing():
   np.testing.assert_allclose(np.asarray(updates["w"]),
                              float(warm.scale) * GRADS["w"], rtol=1e-6)
   opt = scale_by_connectome(backend="device", **dict(CONFIG, every=2))
-  updates, state = opt.update(GRADS, warm, PARAMS, activations=None)
+  with pytest.warns(UserWarning, match="nothing to measure"):
+    updates, state = opt.update(GRADS, warm, PARAMS, activations=None)
   assert int(warm.count) % 2 == 0  # not a measuring update: nothing counted
   assert_only_changed(warm, state, "count")
 
