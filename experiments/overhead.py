@@ -162,21 +162,15 @@ def training_batch(batch_size: int = 128, real: bool = True
 def reference_sets(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Birth and death sets the way the authors' earlier public code gets them.
 
-  ``numpy.corrcoef``, ``scipy.sparse.csgraph.minimum_spanning_tree`` on the
-  negated weights (maximum spanning tree), ``numpy.sort`` of all edges.
+  ``numpy.corrcoef``, then :func:`experiments.measure_speed.reference_sets`
+  (``scipy.sparse.csgraph.minimum_spanning_tree`` on the negated weights,
+  ``numpy.sort`` of all edges).
   """
-  from scipy.sparse.csgraph import minimum_spanning_tree  # pylint: disable=import-outside-toplevel
+  from experiments.measure_speed import reference_sets as sets_of  # pylint: disable=import-outside-toplevel
 
   m = np.abs(np.corrcoef(a, rowvar=False))
   np.fill_diagonal(m, 0.0)
-  tree = minimum_spanning_tree(-m)
-  births = np.sort(-tree.data)
-  rows, cols = tree.nonzero()
-  is_birth = np.zeros(m.shape, bool)
-  is_birth[rows, cols] = is_birth[cols, rows] = True
-  upper = np.triu_indices(m.shape[0], k=1)
-  deaths = np.sort(m[upper][~is_birth[upper]])
-  return births, deaths
+  return sets_of(m)
 
 
 def reference_measure(a: np.ndarray, ref: tuple[np.ndarray, np.ndarray]
@@ -384,9 +378,9 @@ def bench_step(reps: int, quick: bool, log) -> dict:
   auto = measure.resolve_backend("auto", "top")
   for name, (model, num_signals) in step_models(quick).items():
     params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
-    calls, compile_ms = {}, {}
     # The CNN step is ~20x the MLP's: skip its "never" variants for time.
     never = name == "mlp" and not quick
+    variants = {}
     for variant, (every, backend) in step_variants(quick, never).items():
       if every is None:
         optimizer = optax.sgd(0.01, momentum=0.9)
@@ -394,20 +388,9 @@ def bench_step(reps: int, quick: bool, log) -> dict:
         optimizer = cgalr_jax.cgalr(0.01, momentum=0.9, every=every,
                                     backend=backend,
                                     probe=flax_probe(model, probe_x))
-      opt_state = optimizer.init(params)
-      step = make_step(model, optimizer, x, y)
-      compiled, compile_ms[variant] = compile_timed(step, params, opt_state)
-      carry = {"params": params, "opt_state": opt_state}
-
-      def cycle(c=compiled, carry=carry):
-        p, s = carry["params"], carry["opt_state"]
-        for _ in range(CYCLE):
-          p, s, _ = c(p, s)
-        _block((p, s))
-        carry["params"], carry["opt_state"] = p, s
-
-      calls[variant] = cycle
-    per_step = {k: v / CYCLE for k, v in time_interleaved(calls, reps).items()}
+      variants[variant] = (optimizer, False)
+    per_step, compile_ms = time_variants(model, params, x, y, variants,
+                                         CYCLE, reps)
     # The schema's keys: CG-ALR with backend="auto" (the same programs).
     schema = {"sgd_ms": per_step["sgd_ms"]}
     for label in EVERY:
