@@ -40,6 +40,10 @@ RED_MEANING = ("RED = (err_cgalr_top - err_base) / err_base per seed, paired; "
                "negative: CG-ALR (TOP) makes fewer test errors. win: 95% CI "
                "below 0, loss: above 0, tie: otherwise.")
 
+# GateConfig's enter_z and exit_z, drawn on the z panel (this module imports
+# no JAX; tests/test_experiments.py checks they match the library).
+GATE_THRESHOLDS = (1.5, 0.5)
+
 
 def finite_list(a) -> list:
   return [None if not math.isfinite(float(v)) else float(v)
@@ -320,6 +324,27 @@ def plot_convergence(summaries: Sequence[dict], out: Path) -> None:
   plt.close(fig)
 
 
+def gate_table(summaries: Sequence[dict]) -> str:
+  """What the gate did: fractions of updates in BRAKE / HOLD / BOOST over
+  all seeds, the final scale over seeds, and the probe's health."""
+  lines = ["| dataset | method | brake / hold / boost | final scale median "
+           "[min, max] | lag-1 autocorr log d |", "|---|---|---|---|---|"]
+  for s in summaries:
+    for name, m in s["methods"].items():
+      t = m.get("trace")
+      if not t:
+        continue
+      fs = np.array([v for v in t["final_scale"] if v is not None])
+      h = m.get("noise_health") or {}
+      ac = h.get("lag1_autocorr_log_distance")
+      lines.append(
+          f"| {s['dataset']} | {name} | {t['fraction_brake']:.2f} / "
+          f"{t['fraction_hold']:.2f} / {t['fraction_boost']:.2f} | "
+          f"{np.median(fs):.2f} [{fs.min():.2f}, {fs.max():.2f}] | "
+          f"{_fmt(ac, '.2f')} |")
+  return "\n".join(lines) + "\n"
+
+
 def load_summaries(results: Path) -> list[dict]:
   out = []
   for name in ORDER:
@@ -342,6 +367,7 @@ def comparison_text(results: Path) -> str:
   parts.append("### Win / tie / loss (RED's 95% CI below / across / above "
                "0; the cell's number is RED's mean)\n\n"
                + win_tie_loss(summaries))
+  parts.append("### What the gate did (all seeds)\n\n" + gate_table(summaries))
   parts.append("### Budgets: is the best baseline flat over the last 20%?"
                "\n\n" + convergence_table(summaries))
   plot_convergence(summaries, results)
@@ -402,7 +428,10 @@ def plot(summary: dict, results: Mapping[str, dict], out: Path) -> None:
     steps = np.arange(r["scale"].shape[1])
     for i in range(r["scale"].shape[0]):
       axes[0, j].plot(steps, r["scale"][i], alpha=0.9 if i == 0 else 0.3,
-                      linewidth=1.2 if i == 0 else 0.7)
+                      linewidth=1.2 if i == 0 else 0.7,
+                      label={0: "seed 0", 1: "other seeds"}.get(i))
+    axes[0, j].axhline(1.0, color="grey", linewidth=0.5)
+    axes[0, j].legend(fontsize=7)
     d, n = r["distance"][0], r["noise"][0]
     axes[1, j].semilogy(steps, np.where(d > 0, d, np.nan), linewidth=0.8,
                         label="distance")
@@ -410,7 +439,14 @@ def plot(summary: dict, results: Mapping[str, dict], out: Path) -> None:
       axes[1, j].semilogy(steps, np.where(n > 0, n, np.nan), linewidth=0.8,
                           label="noise floor")
     axes[1, j].legend(fontsize=7)
-    axes[2, j].plot(steps, r["z"][0], linewidth=0.7)
+    axes[2, j].plot(steps, r["z"][0], linewidth=0.7, label="z")
+    enter_z, exit_z = GATE_THRESHOLDS
+    for level, style, label in ((enter_z, "--", f"enter |z| = {enter_z:g}"),
+                                (exit_z, ":", f"exit |z| = {exit_z:g}")):
+      for sign in (1, -1):
+        axes[2, j].axhline(sign * level, color="grey", linestyle=style,
+                           linewidth=0.7, label=label if sign > 0 else None)
+    axes[2, j].legend(fontsize=7)
     axes[3, j].step(steps, r["gate"][0], where="post", linewidth=0.7)
     axes[0, j].set_title(f"{summary['dataset']} {name}")
     axes[0, j].set_ylabel("scale (all seeds)")
