@@ -470,3 +470,10 @@ def test_win_tie_loss_and_convergence_tables():
   assert conv["best baseline"]["method"] in ("adam_const", "dog")
   assert conv["best baseline"]["flat"]
   assert "| digits | 10 x 2 = 20 updates |" in report.convergence_table([s])
+
+
+def test_report_draws_the_gate_thresholds_of_the_library():
+  from experiments import report  # pylint: disable=import-outside-toplevel
+  import cgalr_jax  # pylint: disable=import-outside-toplevel
+  gate = cgalr_jax.GateConfig()
+  assert report.GATE_THRESHOLDS == (gate.enter_z, gate.exit_z)
