@@ -5,10 +5,12 @@
   :func:`table` renders it; :func:`plot` draws ``curves.png`` and
   ``cgalr_scale.png``; :func:`noise_health` is the probe's health check.
 * ``python -m experiments.report experiments/results`` (one sub-folder per
-  dataset, each holding a ``summary.json``) prints every dataset's table and
-  the claim table: CG-ALR (TOP) against the best SGD schedule, the best
-  Adam schedule, DoG, Prodigy, its own ungated envelope and the two timing
-  controls. "Best" is chosen by mean final *validation* accuracy (test data
+  dataset, each holding a ``summary.json``) prints, and writes to
+  ``results/comparison.md``, every dataset's table, the claim table, the
+  win/tie/loss table, what the gate did and the budget check (and draws
+  ``results/convergence.png``). The claim table compares CG-ALR (TOP)
+  against the best SGD schedule, the best Adam schedule, DoG, Prodigy, its
+  own ungated envelope and the two timing controls. "Best" is chosen by mean final *validation* accuracy (test data
   never pick a baseline). A comparison is a win when RED's 95% CI lies
   below 0, a loss when it lies above 0, and a tie otherwise.
 
@@ -464,7 +466,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("results", type=Path)
   args = parser.parse_args(argv)
-  print(comparison_text(args.results))
+  text = comparison_text(args.results)
+  (args.results / "comparison.md").write_text(text)
+  print(text)
 
 
 if __name__ == "__main__":
