@@ -1,16 +1,17 @@
 """Functional connectome: sufficient statistics -> |Pearson| matrix.
 
-DESIGN.md section 2, "Connectome". Pure JAX, runs under ``jit`` on the
-device. The connectome is built from sufficient statistics (sample count,
-shifted sums, shifted Gram matrix) so that chunks of a sample, batches of a
-pool, or shards on several devices can be summed before the single division
-that turns them into correlations. Reading activations into signals and
+DESIGN.md section 2, "Connectome". Runs under ``jit`` on the device, or in
+NumPy (``xp=numpy``) inside the host measurement. The connectome is built
+from sufficient statistics (sample count, shifted sums, shifted Gram matrix)
+so that chunks of a sample, batches of a pool, or shards on several devices
+can be summed before the single division that turns them into
+correlations. Reading activations into signals and
 accumulating the statistics is :mod:`cgalr_jax.measure`'s job.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,28 +41,36 @@ class SignalStats(NamedTuple):
   gram: jax.Array
 
 
-def live_signals(stats: SignalStats) -> jax.Array:
+def live_signals(stats: SignalStats, xp: Any = jnp) -> jax.Array:
   """Boolean ``[P]`` mask of signals whose variance is not ~0."""
   mu = stats.total / stats.n
-  var = jnp.diagonal(stats.gram) / stats.n - mu * mu
+  var = xp.diagonal(stats.gram) / stats.n - mu * mu
   mean = stats.shift + mu
   threshold = (_DEAD_RELATIVE_STD * mean) ** 2 + _DEAD_ABSOLUTE_VAR
   return var > threshold
 
 
-def correlation_from_stats(stats: SignalStats) -> jax.Array:
+def correlation_from_stats(stats: SignalStats, xp: Any = jnp) -> jax.Array:
   """``M = |rho|`` clipped to [0, 1], zero diagonal, dead rows/columns 0.
 
   The result is exactly symmetric, so a weight read from row i equals the
-  one read from row j bit for bit.
+  one read from row j bit for bit. With ``xp=numpy`` the arithmetic is the
+  same float32 arithmetic (the reciprocal square root may differ in the
+  last bit from XLA's).
   """
   mu = stats.total / stats.n
-  cov = stats.gram / stats.n - jnp.outer(mu, mu)
-  live = live_signals(stats)
-  var = jnp.where(live, jnp.diagonal(cov), 1.0)
-  inv_std = jnp.where(live, jax.lax.rsqrt(jnp.maximum(var, 1e-38)), 0.0)
+  cov = stats.gram / stats.n - xp.outer(mu, mu)
+  live = live_signals(stats, xp)
+  var = xp.where(live, xp.diagonal(cov), 1.0)
+  inv_std = xp.where(live, _rsqrt(xp.maximum(var, xp.float32(1e-38)), xp), 0.0)
   rho = cov * inv_std[:, None] * inv_std[None, :]
-  m = jnp.clip(jnp.abs(rho), 0.0, 1.0)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  m = xp.clip(xp.abs(rho), 0.0, 1.0)
+  m = xp.where(xp.isfinite(m), m, 0.0)
   m = 0.5 * (m + m.T)
-  return m * (1.0 - jnp.eye(m.shape[0], dtype=m.dtype))
+  return m * (1.0 - xp.eye(m.shape[0], dtype=m.dtype))
+
+
+def _rsqrt(x, xp):
+  if xp is jnp:
+    return jax.lax.rsqrt(x)
+  return (1 / xp.sqrt(x)).astype(x.dtype)

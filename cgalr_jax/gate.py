@@ -145,19 +145,20 @@ def _require(ok: bool, name: str, allowed: str, value: Any) -> None:
     raise ValueError(f"GateConfig: {name} must be {allowed}, got {value!r}.")
 
 
-def log_distance(distance: jax.Array) -> jax.Array:
+def log_distance(distance: jax.Array, xp: Any = jnp) -> jax.Array:
   """``log(max(distance, MIN_DISTANCE))`` in float32."""
-  return jnp.log(jnp.maximum(jnp.asarray(distance, jnp.float32), MIN_DISTANCE))
+  return xp.log(xp.maximum(xp.asarray(distance, xp.float32),
+                           xp.float32(MIN_DISTANCE)))
 
 
-def _ages(window: int, count: jax.Array) -> jax.Array:
+def _ages(window: int, count: jax.Array, xp: Any = jnp) -> jax.Array:
   """Age of each ring-buffer slot: 1 for the newest entry, ``window`` oldest."""
-  slots = jnp.arange(window)
+  slots = xp.arange(window)
   return (count - 1 - slots) % window + 1
 
 
 def robust_z(history: jax.Array, count: jax.Array, value: jax.Array,
-             score: str = "trailing") -> jax.Array:
+             score: str = "trailing", xp: Any = jnp) -> jax.Array:
   """Robust score of ``value`` against the filled part of ``history``.
 
   Args:
@@ -169,29 +170,32 @@ def robust_z(history: jax.Array, count: jax.Array, value: jax.Array,
       history against measurement age, evaluated at the current measurement
       (falls back to trailing below ``MIN_TREND_POINTS`` points: through
       three or four points the residuals' MAD is often exactly 0).
+    xp: ``jax.numpy`` (traced) or ``numpy`` (the host measurement; the same
+      float32 arithmetic).
 
   Returns:
     float32 score; 0 when the buffer is empty.
   """
   window = history.shape[0]
-  filled = jnp.arange(window) < count
-  past = jnp.where(filled, history, jnp.nan)
+  filled = xp.arange(window) < count
+  past = xp.where(filled, history, xp.float32(xp.nan))
   if score == "detrended":
-    x = -_ages(window, count).astype(jnp.float32)  # the current value at 0
+    x = -_ages(window, count, xp).astype(xp.float32)  # the current value at 0
     dx = x[:, None] - x[None, :]
     pair = filled[:, None] & filled[None, :] & (dx > 0)
-    slopes = jnp.where(pair, (past[:, None] - past[None, :]) / jnp.where(
-        pair, dx, 1.0), jnp.nan)
-    slope = jnp.where(jnp.sum(filled) >= MIN_TREND_POINTS,
-                      jnp.nanmedian(slopes), 0.0)
+    slopes = xp.where(pair, (past[:, None] - past[None, :]) / xp.where(
+        pair, dx, 1.0), xp.float32(xp.nan))
+    slope = xp.where(xp.sum(filled) >= MIN_TREND_POINTS,
+                      xp.nanmedian(slopes), xp.float32(0.0))
     past = past - slope * x  # residuals up to the intercept; current at x=0
-  med = jnp.nanmedian(past)
-  mad = jnp.nanmedian(jnp.abs(past - med))
+  med = xp.nanmedian(past)
+  mad = xp.nanmedian(xp.abs(past - med))
   z = (value - med) / (MAD_TO_STD * mad + Z_EPS)
-  return jnp.where(jnp.any(filled), z, 0.0).astype(jnp.float32)
+  return xp.where(xp.any(filled), z, 0.0).astype(xp.float32)
 
 
-def push(history: jax.Array, count: jax.Array, value: jax.Array):
+def push(history: jax.Array, count: jax.Array, value: jax.Array,
+         xp: Any = jnp):
   """Write ``value`` into the ring buffer; returns ``(history, count)``.
 
   Once the buffer is full, ``count`` stays in ``[window, 2 window)`` (it
@@ -199,45 +203,47 @@ def push(history: jax.Array, count: jax.Array, value: jax.Array):
   pointing at the oldest slot.
   """
   window = history.shape[0]
-  history = history.at[count % window].set(value.astype(history.dtype))
+  slot = xp.arange(window) == count % window
+  history = xp.where(slot, xp.asarray(value, history.dtype), history)
   nxt = count + 1
-  nxt = jnp.where(nxt >= 2 * window, nxt - window, nxt)
+  nxt = xp.where(nxt >= 2 * window, nxt - window, nxt)
   return history, nxt.astype(count.dtype)
 
 
-def next_gate(gate: jax.Array, z: jax.Array, enter_z, exit_z) -> jax.Array:
+def next_gate(gate: jax.Array, z: jax.Array, enter_z, exit_z,
+              xp: Any = jnp) -> jax.Array:
   """One step of the hysteresis state machine.
 
   ``z >= enter_z`` -> BRAKE; ``z <= -enter_z`` -> BOOST; in BRAKE,
   ``z <= exit_z`` -> HOLD; in BOOST, ``z >= -exit_z`` -> HOLD; otherwise the
   state stays.
   """
-  gate = jnp.asarray(gate, jnp.int32)
-  new = jnp.where((gate == BRAKE) & (z <= exit_z), HOLD, gate)
-  new = jnp.where((gate == BOOST) & (z >= -exit_z), HOLD, new)
-  new = jnp.where(z >= enter_z, BRAKE, new)
-  new = jnp.where(z <= -enter_z, BOOST, new)
-  return new.astype(jnp.int32)
+  gate = xp.asarray(gate, xp.int32)
+  new = xp.where((gate == BRAKE) & (z <= exit_z), HOLD, gate)
+  new = xp.where((gate == BOOST) & (z >= -exit_z), HOLD, new)
+  new = xp.where(z >= enter_z, BRAKE, new)
+  new = xp.where(z <= -enter_z, BOOST, new)
+  return new.astype(xp.int32)
 
 
 def next_scale(scale: jax.Array, gate: jax.Array, *, brake, boost, min_scale,
-               max_scale) -> jax.Array:
+               max_scale, xp: Any = jnp) -> jax.Array:
   """Multiply by ``brake``/``boost``/1 according to ``gate``, then clip."""
-  factor = jnp.where(gate == BRAKE, brake, jnp.where(gate == BOOST, boost, 1.0))
-  return jnp.clip(scale * factor, min_scale, max_scale).astype(scale.dtype)
+  factor = xp.where(gate == BRAKE, brake, xp.where(gate == BOOST, boost, 1.0))
+  return xp.clip(scale * factor, min_scale, max_scale).astype(scale.dtype)
 
 
 def step(config: GateConfig, history: jax.Array, count: jax.Array,
-         gate: jax.Array, scale: jax.Array, log_d: jax.Array):
+         gate: jax.Array, scale: jax.Array, log_d: jax.Array, xp: Any = jnp):
   """Score ``log_d`` and move the gate and scale; returns ``(z, gate, scale)``.
 
   Until ``min_history`` distances exist, z is 0 and nothing changes.
   """
   ready = count >= config.min_history
-  z = jnp.where(ready, robust_z(history, count, log_d, config.score), 0.0)
-  new_gate = jnp.where(ready, next_gate(gate, z, config.enter_z,
-                                        config.exit_z), gate)
-  new_scale = jnp.where(ready, next_scale(
+  z = xp.where(ready, robust_z(history, count, log_d, config.score, xp), 0.0)
+  new_gate = xp.where(ready, next_gate(gate, z, config.enter_z,
+                                        config.exit_z, xp), gate)
+  new_scale = xp.where(ready, next_scale(
       scale, new_gate, brake=config.brake, boost=config.boost,
-      min_scale=config.min_scale, max_scale=config.max_scale), scale)
-  return z.astype(jnp.float32), new_gate, new_scale
+      min_scale=config.min_scale, max_scale=config.max_scale, xp=xp), scale)
+  return z.astype(xp.float32), new_gate, new_scale

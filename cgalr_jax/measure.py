@@ -273,11 +273,11 @@ def pool_add(pool: SignalStats, a: jax.Array, *, axis_name: Any = None
                      total=pool.total + new.total, gram=pool.gram + new.gram)
 
 
-def merge_parts(stats: SignalStats) -> SignalStats:
+def merge_parts(stats: SignalStats, xp: Any = jnp) -> SignalStats:
   """The whole sample's statistics from its parts (same shift)."""
-  return SignalStats(n=jnp.sum(stats.n), shift=stats.shift[0],
-                     total=jnp.sum(stats.total, axis=0),
-                     gram=jnp.sum(stats.gram, axis=0))
+  return SignalStats(n=xp.sum(stats.n), shift=stats.shift[0],
+                     total=xp.sum(stats.total, axis=0),
+                     gram=xp.sum(stats.gram, axis=0))
 
 
 def part(stats: SignalStats, index: int) -> SignalStats:
@@ -285,16 +285,16 @@ def part(stats: SignalStats, index: int) -> SignalStats:
   return jax.tree.map(lambda x: x[index], stats)
 
 
-def usable(stats: SignalStats) -> jax.Array:
+def usable(stats: SignalStats, xp: Any = jnp) -> jax.Array:
   """Whether statistics can give a meaningful connectome (DESIGN.md 2).
 
   Needs finite sums, at least :data:`MIN_SAMPLES` samples and two live
   (non-constant) signals.
   """
-  return ((stats.n >= MIN_SAMPLES) & jnp.all(jnp.isfinite(stats.gram))
-          & jnp.all(jnp.isfinite(stats.total))
-          & jnp.all(jnp.isfinite(stats.shift))
-          & (jnp.sum(live_signals(stats)) >= 2))
+  return ((stats.n >= MIN_SAMPLES) & xp.all(xp.isfinite(stats.gram))
+          & xp.all(xp.isfinite(stats.total))
+          & xp.all(xp.isfinite(stats.shift))
+          & (xp.sum(live_signals(stats, xp)) >= 2))
 
 
 # ----------------------------------------------------------------------------

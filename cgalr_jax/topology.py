@@ -33,6 +33,7 @@ import functools
 import math
 import sys
 import types
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -649,7 +650,7 @@ def _top_summary_device(m, resolution: int, radix: bool | None) -> jax.Array:
 
 
 def top_summary_distance(ref: jax.Array, cur: jax.Array,
-                         num_nodes: int) -> jax.Array:
+                         num_nodes: int, xp: Any = jnp) -> jax.Array:
   """``TOP_K`` between two summaries of P-node connectomes.
 
   Args:
@@ -662,7 +663,7 @@ def top_summary_distance(ref: jax.Array, cur: jax.Array,
   """
   n_b, n_d = set_sizes(num_nodes)
   k = ref.shape[-1]
-  sq = jnp.sum(jnp.square(ref - cur), axis=-1)
+  sq = xp.sum(xp.square(ref - cur), axis=-1)
   return (n_b / k) * sq[..., 0] + (n_d / k) * sq[..., 1]
 
 
@@ -721,15 +722,20 @@ def top_summary_via_host(m: jax.Array, resolution: int):
   if m.ndim != 2 or m.shape[0] != m.shape[1]:
     raise ValueError(
         f"connectome must be a square [P, P] matrix, got {m.shape}.")
-  flat = np.flatnonzero(_upper_mask(m.shape[0])).astype(np.int32)
   shape = (jax.ShapeDtypeStruct((2, resolution), jnp.float32),
            jax.ShapeDtypeStruct((), jnp.bool_))
   # ``top_summary_host`` is looked up at call time, so tests can count or
   # fail host calls by patching it.
   summary, ok = host_callback(
-      lambda x: (top_summary_host(x, resolution),), shape,
-      m.reshape(-1)[flat])
+      lambda x: (top_summary_host(x, resolution),), shape, condensed(m))
   return summary, ok
+
+
+def condensed(m: jax.Array) -> jax.Array:
+  """The upper triangle of a traced ``[P, P]`` matrix, row-major (``i < j``):
+  what a host summary reads, half the bytes of ``M``."""
+  flat = np.flatnonzero(_upper_mask(m.shape[0])).astype(np.int32)
+  return m.reshape(-1)[flat]
 
 
 # ----------------------------------------------------------------------------

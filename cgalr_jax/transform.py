@@ -8,17 +8,21 @@ turns the distance stream into a scale, and the transform applies it.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import math
+import types
 import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from cgalr_jax import gate as gate_lib
 from cgalr_jax import measure
+from cgalr_jax import topology
 from cgalr_jax.connectome import SignalStats, correlation_from_stats
 from cgalr_jax.gate import GateConfig
 
@@ -141,6 +145,83 @@ class _OnceWarner:
 
 def _source_name(probe: Any, pool: bool) -> str:
   return "probe" if probe is not None else ("pool" if pool else "batch")
+
+
+# The gate's float settings, in the order the host measurement receives them.
+_GATE_FLOATS = ("enter_z", "exit_z", "boost", "brake", "min_scale",
+                "max_scale")
+
+
+def fold(config: GateConfig, counters, values, history, dist, noise_values,
+         num_nodes: int, xp: Any = jnp):
+  """A measurement's distance folded into the packed state vectors.
+
+  The gate scores and moves only when the state holds a reference of the
+  same node count; the first measurement only sets the reference. Runs in
+  JAX or, with ``xp=numpy``, inside the host measurement (same float32
+  arithmetic).
+
+  Returns:
+    ``(counters, values, history)`` after the measurement.
+  """
+  has_ref = counters[_REFERENCE_NODES] == num_nodes
+  first = counters[_REFERENCE_NODES] == 0
+  count = counters[_HISTORY_COUNT]
+  log_d = gate_lib.log_distance(dist, xp)
+  z, new_gate, new_scale = gate_lib.step(
+      config, history, count, counters[_GATE], values[_SCALE], log_d, xp)
+  pushed, pushed_count = gate_lib.push(history, count, log_d, xp)
+  keep = lambda new, old: xp.where(has_ref, new, old)  # noqa: E731
+  accepted = has_ref | first
+  new_counters = xp.stack([
+      counters[_COUNT], keep(new_gate, counters[_GATE]),
+      keep(pushed_count, count), xp.asarray(num_nodes, xp.int32),
+      counters[_MEASURED] + xp.where(accepted, 1, 0),
+      counters[_SKIPPED] + xp.where(accepted, 0, 1)]).astype(xp.int32)
+  new_values = xp.concatenate([
+      xp.stack([keep(new_scale, values[_SCALE]), keep(z, values[_Z]),
+                keep(xp.asarray(dist, xp.float32), values[_DISTANCE])]),
+      noise_values[:1],  # the floor needs no reference
+      xp.where(has_ref, noise_values[1:], values[_EVEN_DISTANCE:])]
+                              ).astype(xp.float32)
+  return new_counters, new_values, keep(pushed, history)
+
+
+def _measure_host(ok, floats, counters, values, history, reference, *mats,
+                  window, min_history, score, num_nodes, resolution):
+  """The host measurement: connectomes (condensed) -> new state arrays.
+
+  ``mats`` are the whole sample's and, with the noise floor, the even and
+  odd halves' condensed connectomes; ``ok`` says whether their statistics
+  were usable. Returns ``(counters, values, history, reference)``; a
+  measurement that cannot be used comes back as a counted skip.
+  """
+  counters = np.asarray(counters, np.int32)
+  if not bool(ok):
+    skipped = counters.copy()
+    skipped[_SKIPPED] += 1
+    return skipped, values, history, reference
+  config = types.SimpleNamespace(
+      window=window, min_history=min_history, score=score,
+      **{k: np.float32(v) for k, v in zip(_GATE_FLOATS, floats)})
+  summaries = np.stack([topology.top_summary_host(m, resolution)
+                        for m in mats])
+  dist = topology.top_summary_distance(reference, summaries, num_nodes, np)
+  if len(mats) == 3:
+    floor = topology.top_summary_distance(summaries[1], summaries[2],
+                                          num_nodes, np)
+    noise_values = np.stack([floor, dist[1], dist[2]]).astype(np.float32)
+  else:
+    noise_values = np.zeros((3,), np.float32)
+  if not (np.all(np.isfinite(dist)) and np.all(np.isfinite(noise_values))):
+    raise FloatingPointError("non-finite distance")
+  with warnings.catch_warnings():  # all-NaN medians of a short history
+    warnings.simplefilter("ignore", RuntimeWarning)
+    counters, values, history = fold(
+        config, counters, np.asarray(values, np.float32),
+        np.asarray(history, np.float32), dist[0], noise_values, num_nodes,
+        np)
+  return counters, values, history, summaries
 
 
 def scale_by_connectome(
@@ -347,30 +428,11 @@ def scale_by_connectome(
 
   def accept(state, summaries, dist, noise_values, num_nodes):
     """Fold an accepted measurement into the state (DESIGN.md 2)."""
-    has_ref = state.reference_nodes == num_nodes
-    first = state.reference_nodes == 0
-    c, v = state.counters, state.values
-    log_d = gate_lib.log_distance(dist)
-    z, new_gate, new_scale = gate_lib.step(
-        gate_config, state.history, state.history_count, state.gate,
-        state.scale, log_d)
-    pushed, pushed_count = gate_lib.push(state.history, state.history_count,
-                                         log_d)
-    keep = lambda new, old: jnp.where(has_ref, new, old)  # noqa: E731
-    counters = jnp.stack([
-        c[_COUNT], keep(new_gate, c[_GATE]),
-        keep(pushed_count, c[_HISTORY_COUNT]), num_nodes,
-        c[_MEASURED] + jnp.where(has_ref | first, 1, 0),
-        c[_SKIPPED] + jnp.where(has_ref | first, 0, 1)]).astype(jnp.int32)
-    values = jnp.concatenate([
-        jnp.stack([keep(new_scale, v[_SCALE]), keep(z, v[_Z]),
-                   keep(dist, v[_DISTANCE])]),
-        noise_values[:1],  # the floor needs no reference
-        jnp.where(has_ref, noise_values[1:], v[_EVEN_DISTANCE:])]
-                             ).astype(jnp.float32)
-    new = state._replace(
-        counters=counters, values=values,
-        history=keep(pushed, state.history), reference=summaries)
+    counters, values, history = fold(
+        gate_config, state.counters, state.values, state.history, dist,
+        noise_values, num_nodes)
+    new = state._replace(counters=counters, values=values, history=history,
+                         reference=summaries)
     return measure.match_varying(new, state)
 
   def measure_stats(state, stats):
@@ -381,6 +443,8 @@ def scale_by_connectome(
     if noise:
       parts += [measure.part(stats, 0), measure.part(stats, 1)]
     ok = jnp.all(jnp.stack([measure.usable(s) for s in parts]))
+    if on_host_after_connectome(num_nodes):
+      return measure_on_host(state, parts, ok, num_nodes)
 
     def from_usable(state):
       mats = [correlation_from_stats(s) for s in parts]
@@ -408,6 +472,36 @@ def scale_by_connectome(
           state)
 
     return jax.lax.cond(ok, from_usable, skip, state)
+
+  def on_host_after_connectome(num_nodes):
+    """TOP on the host, one replica: everything after the connectome runs
+    in one host call (summaries, distances, gate, state), so the measuring
+    branch stays a handful of operations. XLA:CPU pays a little on every
+    execution for each operation of a branch, taken or not."""
+    return (distance == "top" and stats_axis is None
+            and not measure.bound_axis_names()
+            and measure.resolve_backend(backend, distance,
+                                        num_nodes) == "host")
+
+  def measure_on_host(state, parts, ok, num_nodes):
+    mats = [topology.condensed(correlation_from_stats(s)) for s in parts]
+    floats = jnp.stack([jnp.asarray(getattr(gate_config, k), jnp.float32)
+                        for k in _GATE_FLOATS])
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (
+        state.counters, state.values, state.history, state.reference)) + (
+            jax.ShapeDtypeStruct((), jnp.bool_),)
+    host = functools.partial(
+        _measure_host, window=gate_config.window,
+        min_history=gate_config.min_history, score=gate_config.score,
+        num_nodes=num_nodes, resolution=resolution)
+    *new, good = topology.host_callback(
+        host, shapes, ok, floats, state.counters, state.values,
+        state.history, state.reference, *mats)
+    skipped = skip(state)
+    new = [jnp.where(good, a, b) for a, b in zip(new, (
+        skipped.counters, skipped.values, skipped.history, skipped.reference))]
+    return state._replace(counters=new[0], values=new[1], history=new[2],
+                          reference=new[3])
 
   def measure_signals(state, a):
     return measure_stats(state, measure.split_stats(

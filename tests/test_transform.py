@@ -179,11 +179,19 @@ def test_trajectory_matches_reference_simulation(backend):
   assert int(states[-1].count) == len(ACTS)
 
 
-def test_host_and_device_backends_give_identical_trajectories():
+def test_host_and_device_backends_give_the_same_trajectory():
+  # The summaries are bit-identical (test_topology); the host sums the
+  # distance and the robust score in NumPy's order, XLA in its own, so those
+  # agree to float32 rounding and every decision is the same.
   acts = activation_stream(1, 24)
   host = trace_of(run(STEP["host"], acts, opt=OPT["host"]))
   device = trace_of(run(STEP["device"], acts, opt=OPT["device"]))
-  assert host == device
+  exact = ("gate", "scale", "measured", "skipped")
+  assert [{k: t[k] for k in exact} for t in host] == [
+      {k: t[k] for k in exact} for t in device]
+  for key in ("distance", "z"):
+    np.testing.assert_allclose([t[key] for t in host],
+                               [t[key] for t in device], rtol=1e-5, atol=1e-6)
   assert {t["gate"] for t in host} >= {BRAKE, BOOST}
 
 
