@@ -41,10 +41,16 @@ class SignalStats(NamedTuple):
   gram: jax.Array
 
 
+def diagonal(x):
+  """The diagonal of a square matrix as a strided slice (NumPy or JAX; a
+  single fusible operation under XLA, where ``jnp.diagonal`` is a gather)."""
+  return x.reshape(-1)[::x.shape[0] + 1]
+
+
 def live_signals(stats: SignalStats, xp: Any = jnp) -> jax.Array:
   """Boolean ``[P]`` mask of signals whose variance is not ~0."""
   mu = stats.total / stats.n
-  var = xp.diagonal(stats.gram) / stats.n - mu * mu
+  var = diagonal(stats.gram) / stats.n - mu * mu
   mean = stats.shift + mu
   threshold = (_DEAD_RELATIVE_STD * mean) ** 2 + _DEAD_ABSOLUTE_VAR
   return var > threshold
@@ -61,7 +67,7 @@ def correlation_from_stats(stats: SignalStats, xp: Any = jnp) -> jax.Array:
   mu = stats.total / stats.n
   cov = stats.gram / stats.n - xp.outer(mu, mu)
   live = live_signals(stats, xp)
-  var = xp.where(live, xp.diagonal(cov), 1.0)
+  var = xp.where(live, diagonal(cov), 1.0)
   inv_std = xp.where(live, _rsqrt(xp.maximum(var, xp.float32(1e-38)), xp), 0.0)
   rho = cov * inv_std[:, None] * inv_std[None, :]
   m = xp.clip(xp.abs(rho), 0.0, 1.0)

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 HOLD = 0
 BRAKE = -1
@@ -157,6 +158,24 @@ def _ages(window: int, count: jax.Array, xp: Any = jnp) -> jax.Array:
   return (count - 1 - slots) % window + 1
 
 
+def _nanmedian(x, xp):
+  """Median of the non-NaN entries (NaN when there are none).
+
+  NumPy's ``nanmedian`` is slow on the small arrays of the gate and warns on
+  an empty slice; this is the same linear interpolation as
+  ``jnp.nanmedian`` in float32.
+  """
+  if xp is jnp:
+    return jnp.nanmedian(x)
+  v = np.sort(x[~np.isnan(x)].astype(np.float32))
+  if v.size == 0:
+    return np.float32(np.nan)
+  half = (v.size - 1) / 2
+  lo, hi = int(np.floor(half)), int(np.ceil(half))
+  w = np.float32(half - lo)
+  return np.float32(v[lo] * (np.float32(1) - w) + v[hi] * w)
+
+
 def robust_z(history: jax.Array, count: jax.Array, value: jax.Array,
              score: str = "trailing", xp: Any = jnp) -> jax.Array:
   """Robust score of ``value`` against the filled part of ``history``.
@@ -186,10 +205,10 @@ def robust_z(history: jax.Array, count: jax.Array, value: jax.Array,
     slopes = xp.where(pair, (past[:, None] - past[None, :]) / xp.where(
         pair, dx, 1.0), xp.float32(xp.nan))
     slope = xp.where(xp.sum(filled) >= MIN_TREND_POINTS,
-                      xp.nanmedian(slopes), xp.float32(0.0))
+                      _nanmedian(slopes, xp), xp.float32(0.0))
     past = past - slope * x  # residuals up to the intercept; current at x=0
-  med = xp.nanmedian(past)
-  mad = xp.nanmedian(xp.abs(past - med))
+  med = _nanmedian(past, xp)
+  mad = _nanmedian(xp.abs(past - med), xp)
   z = (value - med) / (MAD_TO_STD * mad + Z_EPS)
   return xp.where(xp.any(filled), z, 0.0).astype(xp.float32)
 

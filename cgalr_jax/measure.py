@@ -300,33 +300,28 @@ def usable(stats: SignalStats, xp: Any = jnp) -> jax.Array:
 # ----------------------------------------------------------------------------
 # Backend policy and summaries.
 
-# On CPU the device (XLA) backend wins below this many signals and the host
-# backend (NumPy through a callback) from it; measured by
-# ``python -m experiments.overhead`` (README, Performance).
-HOST_MIN_NODES_ON_CPU = 256
-
-
 def resolve_backend(backend: str, distance: str,
                     num_nodes: int | None = None) -> str:
-  """The backend ``"auto"`` stands for on the current default platform.
+  """The backend ``"auto"`` stands for.
 
-  WD always runs on the host. For TOP on GPU/TPU it is the device backend,
-  which avoids a host round trip; on CPU the faster of the two for the
-  given node count (README, Performance, says how the crossover was found).
+  WD always runs on the host. TOP runs on the device backend on every
+  platform: on GPU/TPU it avoids a host round trip; on a CPU
+  ``python -m experiments.overhead`` finds the two backends within about 10%
+  of each other per measurement from P = 256 to 4096 and the device backend
+  about twice as fast below 256, while a program holding a host call pays
+  for it on steps that do not measure too (README, Performance).
 
   Args:
     backend: ``"auto"``, ``"device"`` or ``"host"``.
     distance: ``"top"`` or ``"wd"``.
-    num_nodes: the connectome's P when known at trace time.
+    num_nodes: the connectome's P when known at trace time (the rule does
+      not depend on it at present; callers pass it so that it may).
   """
+  del num_nodes
   if distance == "wd":
     return "host"
   if backend != "auto":
     return backend
-  if jax.default_backend() != "cpu":
-    return "device"
-  if num_nodes is not None and num_nodes >= HOST_MIN_NODES_ON_CPU:
-    return "host"
   return "device"
 
 

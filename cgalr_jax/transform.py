@@ -187,23 +187,45 @@ def fold(config: GateConfig, counters, values, history, dist, noise_values,
   return new_counters, new_values, keep(pushed, history)
 
 
-def _measure_host(ok, floats, counters, values, history, reference, *mats,
-                  window, min_history, score, num_nodes, resolution):
-  """The host measurement: connectomes (condensed) -> new state arrays.
+def _host_layout(window: int, reference_shape: tuple[int, ...]):
+  """Offsets of the state in the one int32 vector the host call exchanges:
+  ``[counters | values | history | reference]``, floats as their bits.
 
-  ``mats`` are the whole sample's and, with the noise floor, the even and
-  odd halves' condensed connectomes; ``ok`` says whether their statistics
-  were usable. Returns ``(counters, values, history, reference)``; a
-  measurement that cannot be used comes back as a counted skip.
+  Integers, not floats, cross: small integers read as float32 are subnormal
+  numbers, which a sharded program may flush to zero when it copies them
+  between devices; bits of an int32 array are carried exactly.
   """
-  counters = np.asarray(counters, np.int32)
-  if not bool(ok):
-    skipped = counters.copy()
-    skipped[_SKIPPED] += 1
-    return skipped, values, history, reference
+  sizes = (6, 6, window, math.prod(reference_shape))
+  return np.cumsum((0,) + sizes)
+
+
+def _measure_host(packed, mats, *, window, min_history, score, num_nodes,
+                  resolution, reference_shape):
+  """The host measurement: connectomes (condensed) -> the new state.
+
+  ``packed`` is the int32 bits of ``[ok, the gate's floats
+  (_GATE_FLOATS)]`` followed by the state laid out by :func:`_host_layout`;
+  ``mats`` ``[S, E]`` are the whole
+  sample's and, with the noise floor, the even and odd halves' condensed
+  connectomes; ``ok`` says whether their statistics were usable. Returns the
+  new state, laid out the same way. A measurement that cannot be used comes
+  back as a counted skip.
+  """
+  head = 1 + len(_GATE_FLOATS)
+  settings = np.asarray(packed[:head], np.int32).view(np.float32)
+  ok, floats = settings[0], settings[1:]
+  flat = np.array(packed[head:], np.int32)
+  at = _host_layout(window, reference_shape)
+  counters = flat[at[0]:at[1]]
+  if not ok:
+    counters[_SKIPPED] += 1
+    return flat
+  state = flat.view(np.float32)
+  values, history = state[at[1]:at[2]], state[at[2]:at[3]]
+  reference = state[at[3]:at[4]].reshape(reference_shape)
   config = types.SimpleNamespace(
       window=window, min_history=min_history, score=score,
-      **{k: np.float32(v) for k, v in zip(_GATE_FLOATS, floats)})
+      **dict(zip(_GATE_FLOATS, floats)))
   summaries = np.stack([topology.top_summary_host(m, resolution)
                         for m in mats])
   dist = topology.top_summary_distance(reference, summaries, num_nodes, np)
@@ -215,13 +237,12 @@ def _measure_host(ok, floats, counters, values, history, reference, *mats,
     noise_values = np.zeros((3,), np.float32)
   if not (np.all(np.isfinite(dist)) and np.all(np.isfinite(noise_values))):
     raise FloatingPointError("non-finite distance")
-  with warnings.catch_warnings():  # all-NaN medians of a short history
-    warnings.simplefilter("ignore", RuntimeWarning)
-    counters, values, history = fold(
-        config, counters, np.asarray(values, np.float32),
-        np.asarray(history, np.float32), dist[0], noise_values, num_nodes,
-        np)
-  return counters, values, history, summaries
+  counters, values, history = fold(config, counters.copy(), values, history,
+                                   dist[0], noise_values, num_nodes, np)
+  return np.concatenate([counters, values.view(np.int32),
+                         history.view(np.int32),
+                         summaries.astype(np.float32).reshape(-1).view(
+                             np.int32)])
 
 
 def scale_by_connectome(
@@ -484,24 +505,33 @@ def scale_by_connectome(
                                         num_nodes) == "host")
 
   def measure_on_host(state, parts, ok, num_nodes):
-    mats = [topology.condensed(correlation_from_stats(s)) for s in parts]
-    floats = jnp.stack([jnp.asarray(getattr(gate_config, k), jnp.float32)
-                        for k in _GATE_FLOATS])
-    shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (
-        state.counters, state.values, state.history, state.reference)) + (
-            jax.ShapeDtypeStruct((), jnp.bool_),)
+    mats = jnp.stack([topology.condensed(correlation_from_stats(s))
+                      for s in parts])
+    floats = [jnp.asarray(getattr(gate_config, k), jnp.float32)
+              for k in _GATE_FLOATS]
+    bits = lambda x: jax.lax.bitcast_convert_type(  # noqa: E731
+        x.astype(jnp.float32), jnp.int32).reshape(-1)
+    packed = jnp.concatenate([
+        bits(jnp.stack([ok.astype(jnp.float32)] + floats)), state.counters,
+        bits(state.values), bits(state.history), bits(state.reference)])
+    at = _host_layout(gate_config.window, reference_shape)
     host = functools.partial(
         _measure_host, window=gate_config.window,
         min_history=gate_config.min_history, score=gate_config.score,
-        num_nodes=num_nodes, resolution=resolution)
-    *new, good = topology.host_callback(
-        host, shapes, ok, floats, state.counters, state.values,
-        state.history, state.reference, *mats)
+        num_nodes=num_nodes, resolution=resolution,
+        reference_shape=reference_shape)
+    flat, good = topology.host_callback(
+        lambda *args: (host(*args),),
+        (jax.ShapeDtypeStruct((int(at[-1]),), jnp.int32),
+         jax.ShapeDtypeStruct((), jnp.bool_)), packed, mats)
+    floats = jax.lax.bitcast_convert_type(flat, jnp.float32)
     skipped = skip(state)
-    new = [jnp.where(good, a, b) for a, b in zip(new, (
-        skipped.counters, skipped.values, skipped.history, skipped.reference))]
-    return state._replace(counters=new[0], values=new[1], history=new[2],
-                          reference=new[3])
+    return state._replace(
+        counters=jnp.where(good, flat[at[0]:at[1]], skipped.counters),
+        values=jnp.where(good, floats[at[1]:at[2]], state.values),
+        history=jnp.where(good, floats[at[2]:at[3]], state.history),
+        reference=jnp.where(good, floats[at[3]:].reshape(reference_shape),
+                            state.reference))
 
   def measure_signals(state, a):
     return measure_stats(state, measure.split_stats(

@@ -13,10 +13,10 @@ separately. Variants that are compared are timed
 another process hits all of them alike and their ratios stay meaningful on a
 shared machine.
 
-1. ``measure``: activations ``[N=256, P]`` -> connectome -> TOP summary ->
-   distance to the previous summary, one ``jax.jit``-ed call per backend of
-   the library's own pipeline (``cgalr_jax.measure``: the calls
-   ``scale_by_connectome`` makes on a measuring step), next to
+1. ``measure``: one measuring update of ``scale_by_connectome`` per
+   backend (batch source, ``every=1``, one ``jax.jit``-ed call):
+   activations ``[N=256, P]`` -> connectome -> TOP summary -> distance to
+   the previous summary -> gate -> new state, next to
    ``reference``: the pipeline of the authors' earlier public code
    (``numpy.corrcoef``, ``scipy.sparse.csgraph.minimum_spanning_tree`` on
    negated weights, ``numpy.sort`` of all edges, exact TOP).
@@ -72,7 +72,6 @@ import cgalr_jax
 from cgalr_jax import measure
 from cgalr_jax import topology
 from cgalr_jax import transform
-from cgalr_jax.connectome import correlation_from_stats
 from cgalr_jax.flax import probe as flax_probe
 
 SIZES = (64, 128, 256, 512, 1024)
@@ -185,29 +184,24 @@ def reference_measure(a: np.ndarray, ref: tuple[np.ndarray, np.ndarray]
                + np.sum((deaths[:n] - ref[1][:n]) ** 2))
 
 
-def library_measurement(a, reference, *, distance: str, backend: str,
+def library_measurement(*, distance: str, backend: str,
                         max_nodes: int | None = None):
-  """One measurement through the library's own pipeline (``cgalr_jax.measure``).
+  """One measuring update of ``scale_by_connectome``: what users run.
 
-  The same calls ``scale_by_connectome`` makes on a measuring step: signals
-  (with the node budget), sufficient statistics, connectome, summary and
-  distance to the reference. Returns ``(summary, distance)``.
+  Returns ``(initial_state, update)`` where ``update(activations, state)``
+  is one update that measures (``every=1``, batch source): signals (with
+  the node budget), sufficient statistics, connectome, summary, distance to
+  the state's reference, gate and state, and returns the new state.
   """
-  a = measure.signals(a, max_nodes=max_nodes)
-  m = correlation_from_stats(measure.merge_parts(measure.split_stats(a)))
-  summary, dist, _ = measure.summarise(m, reference, distance=distance,
-                                       resolution=RESOLUTION, backend=backend)
-  return summary, dist
+  opt = transform.scale_by_connectome(
+      distance, every=1, backend=backend, max_nodes=max_nodes,
+      resolution=RESOLUTION)
+  params = {"w": jnp.zeros((1,), jnp.float32)}
 
+  def update(a, state):
+    return opt.update(params, state, activations=a)[1]
 
-def top_measurement(backend: str, num_nodes: int) -> Callable:
-  """``(activations, reference) -> (summary, distance)`` for one backend."""
-  del num_nodes  # read from the activations, as the transform does
-
-  def measure_top(a, reference):
-    return library_measurement(a, reference, distance="top", backend=backend)
-
-  return measure_top
+  return opt.init(params), update
 
 
 def bench_measure(sizes: Sequence[int], reps: int, log) -> dict:
@@ -219,12 +213,13 @@ def bench_measure(sizes: Sequence[int], reps: int, log) -> dict:
     a = jnp.asarray(current)
     calls = {}
     for backend in BACKENDS:
-      no_reference = jnp.zeros((2, RESOLUTION), jnp.float32)
-      compiled, compile_ms = compile_timed(top_measurement(backend, p), a,
-                                           no_reference)
-      ref_summary = compiled(jnp.asarray(previous), no_reference)[0]
+      state, update = library_measurement(distance="top", backend=backend)
+      compiled, compile_ms = compile_timed(update, jnp.asarray(previous),
+                                           state)
+      with_reference = compiled(jnp.asarray(previous), state)
       out["measure_compile_ms"][backend][str(p)] = compile_ms
-      calls[backend] = (lambda c=compiled, r=ref_summary: _block(c(a, r)))
+      calls[backend] = (
+          lambda c=compiled, s=with_reference: _block(c(a, s)))
     ref_sets = reference_sets(previous)
     calls["reference"] = lambda: reference_measure(current, ref_sets)
     medians = time_interleaved(calls, reps)
@@ -240,9 +235,6 @@ def bench_measure(sizes: Sequence[int], reps: int, log) -> dict:
 # 2. WD.
 
 
-def wd_measurement(a, reference):
-  return library_measurement(a, reference, distance="wd", backend="auto",
-                             max_nodes=transform.DEFAULT_WD_MAX_NODES)
 
 
 def _full_wd_once(m: np.ndarray, ref_diagrams) -> float:
@@ -307,9 +299,11 @@ def bench_wd(sizes: Sequence[int], reference_sizes: Sequence[int], reps: int,
   for p in sizes:
     prev = jnp.asarray(structured_activations(NUM_SAMPLES, p, seed=p))
     a = jnp.asarray(structured_activations(NUM_SAMPLES, p, seed=p + 1))
-    no_reference = jnp.zeros((2, RESOLUTION, 2), jnp.float32)
-    compiled, compile_ms = compile_timed(wd_measurement, a, no_reference)
-    ref = compiled(prev, no_reference)[0]
+    state, update = library_measurement(
+        distance="wd", backend="auto",
+        max_nodes=transform.DEFAULT_WD_MAX_NODES)
+    compiled, compile_ms = compile_timed(update, prev, state)
+    ref = compiled(prev, state)
     out["wd_compile_ms"][str(p)] = compile_ms
     out["wd"][str(p)] = time_interleaved(
         {"wd": lambda: _block(compiled(a, ref))}, reps)["wd"]
