@@ -151,7 +151,8 @@ def train_runs(task: Task, method: str, lrs: Sequence[float],
                probe_size: int = PROBE_SIZE,
                z_sequences: np.ndarray | None = None,
                scale_trajectories: np.ndarray | None = None,
-               on_epoch: Any = None) -> dict[str, np.ndarray]:
+               on_epoch: Any = None,
+               sequential: bool | None = None) -> dict[str, np.ndarray]:
   """Trains ``len(seeds)`` runs of ``method`` (run i: ``lrs[i]``, ``seeds[i]``).
 
   Args:
@@ -171,6 +172,9 @@ def train_runs(task: Task, method: str, lrs: Sequence[float],
     scale_trajectories: ``[runs, total_steps]`` scales ``cgalr_replay``
       applies open loop.
     on_epoch: ``on_epoch(epoch, metrics)`` after every epoch.
+    sequential: run the runs one after the other (``lax.map``) rather than
+      ``vmap``-ed; None: only methods that measure inside the optimizer
+      (timing comparisons set it so both sides run the same loop).
 
   Returns:
     numpy arrays ``val_acc``, ``test_acc``, ``train_loss`` of shape
@@ -297,7 +301,9 @@ def train_runs(task: Task, method: str, lrs: Sequence[float],
                "train_loss": jnp.mean(outs.pop("ce"))}
     return carry, metrics, outs
 
-  if spec.family in methods_lib.MEASURING_FAMILIES:
+  if sequential is None:
+    sequential = spec.family in methods_lib.MEASURING_FAMILIES
+  if sequential:
     def all_runs(carry, run_ctx, epoch, batches, arrays):
       return jax.lax.map(
           lambda xs: one_epoch(xs[0], xs[1], epoch, xs[2], arrays),
