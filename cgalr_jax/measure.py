@@ -305,11 +305,11 @@ def resolve_backend(backend: str, distance: str,
   """The backend ``"auto"`` stands for.
 
   WD always runs on the host. TOP runs on the device backend on every
-  platform: on GPU/TPU it avoids a host round trip; on a CPU
-  ``python -m experiments.overhead`` finds the two backends within about 10%
-  of each other per measurement from P = 256 to 4096 and the device backend
-  about twice as fast below 256, while a program holding a host call pays
-  for it on steps that do not measure too (README, Performance).
+  platform: on GPU/TPU it avoids a host round trip; on a CPU the benchmark
+  (``python -m experiments.overhead``; README, Performance) finds the two
+  backends tied per measurement from a few hundred signals on, the device
+  backend ahead below, and steps that do not measure cheaper without a
+  host call in the program.
 
   Args:
     backend: ``"auto"``, ``"device"`` or ``"host"``.

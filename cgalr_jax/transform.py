@@ -317,9 +317,10 @@ def scale_by_connectome(
       kept at every step. Required with ``pool=True`` (the pool's size).
     resolution: K, points in the fixed-size topological summary (512).
     seed: seed of the node subset (0).
-    backend: TOP backend, ``"device"`` (pure JAX), ``"host"`` (NumPy through
-      ``jax.pure_callback``) or ``"auto"`` (see
-      :func:`cgalr_jax.measure.resolve_backend`).
+    backend: TOP backend, ``"device"`` (pure JAX), ``"host"`` (the
+      connectome on the device, then summaries, distances and the gate in
+      NumPy in one ``jax.pure_callback``) or ``"auto"`` (the device backend
+      for TOP; see :func:`cgalr_jax.measure.resolve_backend`).
     select: which part of the activations this transform reads: a key, a
       sequence of keys, or a callable. Lets several instances inside
       ``optax.multi_transform`` each follow their own layer.
