@@ -272,3 +272,24 @@ def test_gate_config_validates_and_accepts_arrays():
   jax.jit(lambda e: gate.GateConfig(enter_z=e).enter_z * 2)(jnp.float32(1.0))
   with pytest.raises(TypeError, match="static_args"):
     jax.jit(lambda w: gate.GateConfig(window=w))(jnp.int32(4))
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (20,), (6, 6), (20, 20)])
+def test_sort_free_median_equals_nanmedian(shape):
+  # The traced gate picks the middle ranks by pairwise comparisons (no sort
+  # operation); the host gate sorts in NumPy. Both must be the median
+  # jnp.nanmedian and np.nanmedian compute, ties and NaNs included.
+  rng = np.random.default_rng(sum(shape))
+  for trial in range(20):
+    x = rng.normal(size=shape).astype(np.float32)
+    if trial % 2:
+      x = np.round(x, 1)  # ties
+    x[rng.random(shape) < 0.3 * (trial % 4)] = np.nan
+    want = float(jnp.nanmedian(jnp.asarray(x)))
+    traced = float(jax.jit(gate._nanmedian_by_ranks)(jnp.asarray(x)))  # pylint: disable=protected-access
+    host = float(gate._nanmedian(x, np))  # pylint: disable=protected-access
+    if np.isnan(want):
+      assert np.isnan(traced) and np.isnan(host)
+    else:
+      assert traced == want
+      assert host == pytest.approx(float(np.nanmedian(x)), rel=1e-6)
