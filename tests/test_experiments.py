@@ -286,6 +286,23 @@ def test_seeds_are_one_program_and_reproducible():
   assert a["train_loss"][0, 0] != a["train_loss"][1, 0]
 
 
+@pytest.mark.parametrize("method", ["cgalr_top", "sgd_const"])
+def test_unrolled_epochs_match_the_scanned_loop(method):
+  # Convolutional models train with unrolled epochs (and, for CG-ALR, one
+  # jitted call per run): the same arithmetic as the scanned loop.
+  task = train.make_task("digits", epochs=2, dataset_obj=_small_digits())
+  scanned = train.train_runs(task, method, [0.1, 0.05], [0, 1], every=3,
+                             unroll=False)
+  unrolled = train.train_runs(task, method, [0.1, 0.05], [0, 1], every=3,
+                              unroll=True)
+  assert scanned.keys() == unrolled.keys()
+  for key in scanned:
+    np.testing.assert_allclose(unrolled[key], scanned[key], rtol=1e-4,
+                               atol=1e-5, err_msg=key)
+  if method == "cgalr_top":
+    assert unrolled["measured"][:, -1].min() >= 2  # it did measure
+
+
 def test_probe_set_is_fixed_per_seed():
   task = train.make_task("digits", epochs=1, dataset_obj=_small_digits())
   a, b = train.probe_indices(task, 0), train.probe_indices(task, 1)
