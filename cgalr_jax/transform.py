@@ -205,11 +205,11 @@ def _measure_host(packed, mats, *, window, min_history, score, num_nodes,
 
   ``packed`` is the int32 bits of ``[ok, the gate's floats
   (_GATE_FLOATS)]`` followed by the state laid out by :func:`_host_layout`;
-  ``mats`` ``[S, E]`` are the whole
-  sample's and, with the noise floor, the even and odd halves' condensed
-  connectomes; ``ok`` says whether their statistics were usable. Returns the
-  new state, laid out the same way. A measurement that cannot be used comes
-  back as a counted skip.
+  ``mats`` ``[S, E]`` are the condensed connectomes of the whole sample
+  and, with the noise floor, of its even and odd halves; ``ok`` says
+  whether their statistics were usable. Returns the new state, laid out
+  the same way. A measurement that cannot be used comes back as a counted
+  skip.
   """
   head = 1 + len(_GATE_FLOATS)
   settings = np.asarray(packed[:head], np.int32).view(np.float32)
