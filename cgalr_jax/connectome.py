@@ -47,7 +47,7 @@ def diagonal(x):
   return x.reshape(-1)[::x.shape[0] + 1]
 
 
-def live_signals(stats: SignalStats, xp: Any = jnp) -> jax.Array:
+def live_signals(stats: SignalStats) -> jax.Array:
   """Boolean ``[P]`` mask of signals whose variance is not ~0."""
   mu = stats.total / stats.n
   var = diagonal(stats.gram) / stats.n - mu * mu
@@ -66,7 +66,7 @@ def correlation_from_stats(stats: SignalStats, xp: Any = jnp) -> jax.Array:
   """
   mu = stats.total / stats.n
   cov = stats.gram / stats.n - xp.outer(mu, mu)
-  live = live_signals(stats, xp)
+  live = live_signals(stats)
   var = xp.where(live, diagonal(cov), 1.0)
   inv_std = xp.where(live, _rsqrt(xp.maximum(var, xp.float32(1e-38)), xp), 0.0)
   rho = cov * inv_std[:, None] * inv_std[None, :]

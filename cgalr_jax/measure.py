@@ -294,7 +294,7 @@ def usable(stats: SignalStats, xp: Any = jnp) -> jax.Array:
   return ((stats.n >= MIN_SAMPLES) & xp.all(xp.isfinite(stats.gram))
           & xp.all(xp.isfinite(stats.total))
           & xp.all(xp.isfinite(stats.shift))
-          & (xp.sum(live_signals(stats, xp)) >= 2))
+          & (xp.sum(live_signals(stats)) >= 2))
 
 
 # ----------------------------------------------------------------------------

@@ -237,7 +237,7 @@ def _measure_host(packed, mats, *, window, min_history, score, num_nodes,
     noise_values = np.zeros((3,), np.float32)
   if not (np.all(np.isfinite(dist)) and np.all(np.isfinite(noise_values))):
     raise FloatingPointError("non-finite distance")
-  counters, values, history = fold(config, counters.copy(), values, history,
+  counters, values, history = fold(config, counters, values, history,
                                    dist[0], noise_values, num_nodes, np)
   return np.concatenate([counters, values.view(np.int32),
                          history.view(np.int32),
@@ -525,13 +525,13 @@ def scale_by_connectome(
         lambda *args: (host(*args),),
         (jax.ShapeDtypeStruct((int(at[-1]),), jnp.int32),
          jax.ShapeDtypeStruct((), jnp.bool_)), packed, mats)
-    floats = jax.lax.bitcast_convert_type(flat, jnp.float32)
+    as_float = jax.lax.bitcast_convert_type(flat, jnp.float32)
     skipped = skip(state)
     return state._replace(
         counters=jnp.where(good, flat[at[0]:at[1]], skipped.counters),
-        values=jnp.where(good, floats[at[1]:at[2]], state.values),
-        history=jnp.where(good, floats[at[2]:at[3]], state.history),
-        reference=jnp.where(good, floats[at[3]:].reshape(reference_shape),
+        values=jnp.where(good, as_float[at[1]:at[2]], state.values),
+        history=jnp.where(good, as_float[at[2]:at[3]], state.history),
+        reference=jnp.where(good, as_float[at[3]:].reshape(reference_shape),
                             state.reference))
 
   def measure_signals(state, a):

@@ -235,8 +235,6 @@ def bench_measure(sizes: Sequence[int], reps: int, log) -> dict:
 # 2. WD.
 
 
-
-
 def _full_wd_once(m: np.ndarray, ref_diagrams) -> float:
   h0, h1 = topology.persistence_diagrams(m)
   return (topology.diagram_distance(h0, ref_diagrams[0])
@@ -546,7 +544,7 @@ def bench_runs(reps: int, quick: bool, log) -> dict:
   envelope against CG-ALR with the probe source at the default ``every``.
 
   Both run through the same loop (``sequential=True``: ``lax.map`` over
-  runs, as CG-ALR runs always do). Each run is timed from the end of its
+  runs, as CG-ALR runs of the MLPs do). Each run is timed from the end of its
   first epoch (which compiles) to its last, measuring epochs included;
   runs alternate, and the figure is the median over runs of the mean time
   per epoch.
