@@ -55,6 +55,7 @@ import scipy.stats
 import cgalr_jax
 from cgalr_jax import gate as gate_lib
 from cgalr_jax import topology
+from experiments import train
 
 RESOLUTION = 512
 HIDDEN = (1024, 1024)
@@ -119,8 +120,8 @@ def trajectory(x_train: np.ndarray, y_train: np.ndarray, *, steps: int,
       return optax.softmax_cross_entropy_with_integer_labels(
           logits, y_all[idx]).mean()
     loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, state = opt.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
+    params, state = train.apply_optimizer(opt, grads, state, params)
+    return params, state, loss
 
   read = jax.jit(lambda p: mlp_apply(p, x_probe)[1])
   order = np.empty(0, np.int64)

@@ -331,18 +331,15 @@ def step_models(quick: bool):
           "cnn": (cnn, sum(cnn.channels))}
 
 
-def make_step(model, optimizer, x, y) -> Callable:
-  """A plain Optax training step: CG-ALR's probe needs nothing passed in."""
-  def step(params, opt_state):
-    def loss_fn(p):
-      logits = model.apply({"params": p}, x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+def make_step(model, optimizer, x, y, pass_activations: bool = False
+              ) -> Callable:
+  """The experiments' plain Optax step (``train.optax_step``) on a fixed
+  batch: CG-ALR's probe needs nothing passed in; the pool and batch sources
+  get the forward pass's activations (``pass_activations``)."""
+  from experiments import train  # pylint: disable=import-outside-toplevel
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return step
+  step = train.optax_step(model, optimizer, pass_activations=pass_activations)
+  return lambda params, opt_state: step(params, opt_state, x, y)
 
 
 # Steps per CG-ALR variant: measure every step, every 10th, and never after
@@ -415,25 +412,6 @@ TARGET_BATCH_EVERY10 = 1.15
 TARGET_RUN_GROWTH = 1.05  # digits and mnist5k MLP runs at the default cadence
 
 
-def make_activation_step(model, optimizer, x, y) -> Callable:
-  """A training step that passes its forward pass's activations (pool and
-  batch sources)."""
-  from cgalr_jax.flax import apply_with_activations  # pylint: disable=import-outside-toplevel
-
-  def step(params, opt_state):
-    def loss_fn(p):
-      logits, acts = apply_with_activations(model, {"params": p}, x)
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-      return loss, acts
-
-    (loss, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params,
-                                          activations=acts)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return step
-
-
 def time_variants(model, params, x, y, variants: dict, steps: int,
                   reps: int) -> tuple[dict, dict]:
   """Median ms per step of each ``{name: (optimizer, passes_activations)}``,
@@ -441,9 +419,8 @@ def time_variants(model, params, x, y, variants: dict, steps: int,
   calls, compile_ms = {}, {}
   for name, (optimizer, with_acts) in variants.items():
     opt_state = optimizer.init(params)
-    make = make_activation_step if with_acts else make_step
     compiled, compile_ms[name] = compile_timed(
-        make(model, optimizer, x, y), params, opt_state)
+        make_step(model, optimizer, x, y, with_acts), params, opt_state)
     carry = {"params": params, "opt_state": opt_state}
 
     def cycle(c=compiled, carry=carry):

@@ -3,7 +3,7 @@
 Run: ``python -m experiments.quickstart [--steps 400]``. It prints the test
 accuracy, a trace of the distance, noise floor, z score, gate and scale,
 and the noise-floor health check of the probe. This file is the loop shown
-in README.md.
+in README.md, with its training step from ``experiments/train.py``.
 
 The connectome is read from a fixed probe set (512 training samples, drawn
 once) by the transform itself, on measuring steps only, so the training
@@ -18,11 +18,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from sklearn.datasets import load_digits
 
 import cgalr_jax
 from cgalr_jax.flax import probe, tap
+from experiments import train as train_lib
 
 PROBE_SIZE = 512
 EVERY = 10  # measuring period of this short run (updates)
@@ -66,15 +66,9 @@ def train(steps: int = 400, batch_size: int = 128, seed: int = 0):
                               every=EVERY)
   opt_state = optimizer.init(params)
 
-  @jax.jit
-  def train_step(params, opt_state, x, y):
-    def loss_fn(p):
-      logits = model.apply({"params": p}, x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  # The README's step (value_and_grad, optimizer.update(grads, state,
+  # params), apply_updates), as every experiment runs it.
+  train_step = jax.jit(train_lib.optax_step(model, optimizer))
 
   @jax.jit
   def accuracy(params, x, y):

@@ -47,17 +47,14 @@ def run(seeds: Sequence[int], epochs: int | None = None) -> dict:
   lr = tuning.stored_lr("digits", "cgalr_top")
   opt = optax.sgd(methods.envelope(lr, task.total_steps),
                   momentum=methods.MOMENTUM)
-  connectome = jax.jit(cgalr_jax.connectome)
+
+  one_step = train.optax_step(model, opt)
 
   @jax.jit
   def step(params, state, idx):
-    def loss_fn(p):
-      logits = model.apply({"params": p}, arr["x_train"][idx])
-      return optax.softmax_cross_entropy_with_integer_labels(
-          logits, arr["y_train"][idx]).mean()
-    grads = jax.grad(loss_fn)(params)
-    updates, state = opt.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
+    params, state, _ = one_step(params, state, arr["x_train"][idx],
+                                arr["y_train"][idx])
+    return params, state
 
   @jax.jit
   def batch_conn(params, idx):

@@ -1,7 +1,9 @@
 """The one training step and loop of the experiments (DESIGN.md sections 4, 5).
 
 Every benchmark, the gate study, the overhead benchmark and the tests train
-through :func:`train_runs`. Dataset budgets and batch sizes (``CONFIGS``),
+through :func:`train_runs`; loops that call one jitted step at a time (the
+quickstart, the overhead benchmark's per-step timings) use
+:func:`optax_step`. Both update through :func:`apply_optimizer`. Dataset budgets and batch sizes (``CONFIGS``),
 :class:`Task` and :func:`make_task` live here, so nothing imports
 ``benchmark.py``.
 
@@ -143,6 +145,54 @@ def probe_indices(task: Task, seed: int, size: int = PROBE_SIZE) -> np.ndarray:
       n, min(size, n), replace=False)).astype(np.int32)
 
 
+def apply_optimizer(optimizer: optax.GradientTransformation, grads: Any,
+                    opt_state: Any, params: Any, *, lr: Any = None,
+                    **extra_args: Any) -> tuple[Any, Any]:
+  """One optimizer update, applied: ``(new params, new optimizer state)``.
+
+  ``params`` always reach ``update`` (CG-ALR's probe reads them);
+  ``extra_args`` (``activations=``, ``value=``) are passed through; ``lr``
+  multiplies the updates (the experiments' methods are built at rate 1 and
+  scaled per run).
+  """
+  updates, opt_state = optimizer.update(grads, opt_state, params,
+                                        **extra_args)
+  if lr is not None:
+    updates = jax.tree.map(lambda u: jnp.asarray(lr, u.dtype) * u, updates)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def optax_step(model: nn.Module, optimizer: optax.GradientTransformation, *,
+               pass_activations: bool = False):
+  """The plain supervised step: ``step(params, opt_state, x, y) -> (params,
+  opt_state, loss)`` (cross-entropy on integer labels; not jitted).
+
+  Args:
+    model: a Linen classifier (``model.apply({"params": p}, x)`` gives
+      logits).
+    optimizer: any Optax transformation; CG-ALR with a probe needs nothing
+      else.
+    pass_activations: also pass the forward pass's ``tap()`` activations to
+      ``update(activations=...)`` (CG-ALR's pool and batch sources).
+  """
+  def step(params, opt_state, x, y):
+    def loss_fn(p):
+      if pass_activations:
+        logits, acts = apply_with_activations(model, {"params": p}, x)
+      else:
+        logits, acts = model.apply({"params": p}, x), None
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return ce, acts
+
+    (loss, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    extra = {"activations": acts} if pass_activations else {}
+    params, opt_state = apply_optimizer(optimizer, grads, opt_state, params,
+                                        **extra)
+    return params, opt_state, loss
+
+  return step
+
+
 def _accuracy(logits, y):
   return jnp.mean(jnp.argmax(logits, -1) == y)
 
@@ -272,9 +322,8 @@ def train_runs(task: Task, method: str, lrs: Sequence[float],
       extra["activations"] = acts
     if spec.uses_value:
       extra["value"] = loss
-    updates, opt_state = opt.update(grads, opt_state, params, **extra)
-    updates = jax.tree.map(lambda u: lr.astype(u.dtype) * u, updates)
-    params = optax.apply_updates(params, updates)
+    params, opt_state = apply_optimizer(opt, grads, opt_state, params, lr=lr,
+                                        **extra)
     out = {"ce": ce}
     if want_trace:
       diag = cgalr_jax.diagnostics(opt_state)

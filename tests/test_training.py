@@ -104,3 +104,35 @@ def test_robbins_monro_envelope_converges_past_the_noise_floor():
   # Every 10th update measures; w0 = 0 may make the first batch dead.
   assert int(diag["measured"]) >= steps // every - 1
   assert 0.1 <= float(diag["scale"]) <= 4.0
+
+
+def test_the_shared_optax_step_is_plain_sgd_and_passes_activations():
+  """``experiments.train.optax_step``, the step the quickstart and the
+  per-step benchmarks call: against a hand-written SGD update, and with the
+  batch source it hands the forward pass's taps to ``update``."""
+  from experiments import models, train  # pylint: disable=import-outside-toplevel
+
+  model = models.MLP(hidden=(8, 4))
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(32, 5)).astype(np.float32))
+  y = jnp.asarray(rng.integers(0, 10, 32).astype(np.int32))
+  params = model.init(jax.random.key(0), x[:1])["params"]
+
+  def loss(p):
+    logits = model.apply({"params": p}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  grads = jax.grad(loss)(params)
+  sgd = optax.sgd(0.1)
+  new, _, value = train.optax_step(model, sgd)(params, sgd.init(params), x, y)
+  np.testing.assert_allclose(float(value), float(loss(params)), rtol=1e-6)
+  for got, p, g in zip(jax.tree.leaves(new), jax.tree.leaves(params),
+                       jax.tree.leaves(grads)):
+    np.testing.assert_allclose(got, p - 0.1 * g, rtol=1e-5, atol=1e-7)
+
+  opt = cgalr_jax.cgalr(0.1, every=1)   # batch source: needs the taps
+  state = opt.init(params)
+  step = jax.jit(train.optax_step(model, opt, pass_activations=True))
+  for _ in range(2):
+    params, state, _ = step(params, state, x, y)
+  assert int(cgalr_jax.diagnostics(state)["measured"]) == 2
