@@ -220,10 +220,13 @@ def robust_z(history: jax.Array, count: jax.Array, value: jax.Array,
   past = xp.where(filled, history, xp.float32(xp.nan))
   if score == "detrended":
     x = -_ages(window, count, xp).astype(xp.float32)  # the current value at 0
-    dx = x[:, None] - x[None, :]
-    pair = filled[:, None] & filled[None, :] & (dx > 0)
-    slopes = xp.where(pair, (past[:, None] - past[None, :]) / xp.where(
-        pair, dx, 1.0), xp.float32(xp.nan))
+    # Every unordered pair of slots once (ages are distinct, so dx != 0):
+    # a pair's slope does not depend on its order, and half the values make
+    # the median's pairwise ranking four times cheaper.
+    i, j = np.triu_indices(window, k=1)
+    pair = filled[i] & filled[j]
+    slopes = xp.where(pair, (past[i] - past[j]) / xp.where(
+        pair, x[i] - x[j], 1.0), xp.float32(xp.nan))
     slope = xp.where(xp.sum(filled) >= MIN_TREND_POINTS,
                       _nanmedian(slopes, xp), xp.float32(0.0))
     past = past - slope * x  # residuals up to the intercept; current at x=0
