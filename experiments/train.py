@@ -257,8 +257,11 @@ def train_runs(task: Task, method: str, lrs: Sequence[float],
   # Per-run context: what the optimiser closes over that differs per run.
   ctx: dict[str, Any] = {}
   if spec.source == "probe" and not task.is_graph:
-    ctx["probe_idx"] = np.stack([probe_indices(task, s, probe_size)
-                                 for s in seeds])
+    # The probe's inputs themselves, gathered once here: gathered inside the
+    # compiled epoch they would be copied again every epoch.
+    x_train = np.asarray(arr["x_train"])
+    ctx["probe_x"] = np.stack([x_train[probe_indices(task, s, probe_size)]
+                               for s in seeds])
   if spec.needs == "z_sequence":
     if z_sequences is None:
       raise ValueError(f"{method} needs z_sequences (one row per run).")
@@ -273,7 +276,7 @@ def train_runs(task: Task, method: str, lrs: Sequence[float],
     kwargs = dict(options)
     if spec.source == "probe":
       kwargs["probe"] = graph_probe if task.is_graph else cflax.probe(
-          model, arr["x_train"][run_ctx["probe_idx"]], train=False)
+          model, run_ctx["probe_x"], train=False)
     for k in ("z_sequence", "scale_trajectory"):
       if k in run_ctx:
         kwargs[k] = run_ctx[k]
