@@ -498,8 +498,7 @@ def scale_by_connectome(
   def on_host_after_connectome(num_nodes):
     """TOP on the host, one replica: everything after the connectome runs
     in one host call (summaries, distances, gate, state), so the measuring
-    branch stays a handful of operations. XLA:CPU pays a little on every
-    execution for each operation of a branch, taken or not."""
+    branch stays a handful of operations."""
     return (distance == "top" and stats_axis is None
             and not measure.bound_axis_names()
             and measure.resolve_backend(backend, distance,
