@@ -39,10 +39,16 @@ shared machine.
 5. ``cadence``: the probe source at ``every`` in 10..200 on the
    experiments' digits and mnist5k MLPs; the library's default ``every`` is
    the smallest that keeps both within 5% of plain SGD.
-6. ``runs``: whole training runs of the experiments' digits and mnist5k
+6. ``breakdown``: where one probe measurement's time goes on the
+   experiments' mnist5k MLP (P = 192): probe forward pass, statistics and
+   correlation, TOP summary (device; through the host), the gate's fold,
+   and a whole measuring update per backend.
+7. ``runs``: whole training runs of the experiments' digits and mnist5k
    MLPs through ``experiments/train.py``, ungated envelope against CG-ALR
-   at the default ``every``, per epoch after the first.
-7. ``state_bytes``: bytes of the CG-ALR optimiser state after a
+   at the default ``every`` and against CG-ALR that measures only at its
+   first step (the fixed cost of the transform in the loop), per epoch
+   after the first.
+8. ``state_bytes``: bytes of the CG-ALR optimiser state after a
    measurement of P signals (its shapes are fixed: it must not grow with P).
 
 Activations are synthetic but structured: a LeakyReLU layer of random
@@ -57,6 +63,7 @@ import argparse
 import json
 import math
 import os
+import functools
 import platform
 import sys
 import time
@@ -69,9 +76,11 @@ import numpy as np
 import optax
 
 import cgalr_jax
+from cgalr_jax import gate as gate_lib
 from cgalr_jax import measure
 from cgalr_jax import topology
 from cgalr_jax import transform
+from cgalr_jax.connectome import correlation_from_stats
 from cgalr_jax.flax import probe as flax_probe
 
 SIZES = (64, 128, 256, 512, 1024)
@@ -533,7 +542,10 @@ def bench_runs(reps: int, quick: bool, log) -> dict:
   datasets = ("digits",) if quick else ("digits", "mnist5k")
   variants = {"envelope": ("rm_envelope", {}),
               "cgalr_default": ("cgalr_top",
-                                {"every": transform.DEFAULT_EVERY})}
+                                {"every": transform.DEFAULT_EVERY}),
+              # Measures once, in the first (untimed) epoch: the fixed cost
+              # of carrying the transform through the loop.
+              "cgalr_never": ("cgalr_top", {"every": 2 ** 30})}
   for name in datasets:
     task = train.make_task(name, epochs=3 if quick else None)
     times = {k: [] for k in variants}
@@ -552,8 +564,64 @@ def bench_runs(reps: int, quick: bool, log) -> dict:
     log(f"  run {name}: envelope {per_epoch['envelope']:.2f} ms/epoch, "
         f"CG-ALR every={transform.DEFAULT_EVERY} "
         f"{per_epoch['cgalr_default']:.2f} ms/epoch "
-        f"({per_epoch['cgalr_default'] / per_epoch['envelope']:.3f}x)")
+        f"({per_epoch['cgalr_default'] / per_epoch['envelope']:.3f}x), "
+        f"never measuring {per_epoch['cgalr_never']:.2f} ms/epoch "
+        f"({per_epoch['cgalr_never'] / per_epoch['envelope']:.3f}x)")
   return out
+
+
+def bench_breakdown(reps: int, quick: bool, log) -> dict:
+  """Where one probe measurement's time goes on the experiments' mnist5k MLP
+  (784-128-64-10, P = 192, 512 fixed probe samples), each part its own
+  ``jax.jit``-ed call, timed interleaved: the probe's forward pass and
+  signals, statistics and correlation, the TOP summary (device, and through
+  the host), the gate's fold of a distance, and a whole measuring update
+  (``every=1``) per backend."""
+  from experiments import models as models_lib  # pylint: disable=import-outside-toplevel
+
+  hidden, probe_size = ((16, 8), 64) if quick else ((128, 64), PROBE_SIZE)
+  x_np, _, _ = training_batch(probe_size, real=not quick)
+  model = models_lib.MLP(hidden=hidden)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.asarray(x_np[:1]))[
+      "params"]
+  probe = flax_probe(model, jnp.asarray(x_np[:probe_size]))
+  signals = jax.jit(lambda p: measure.signals(probe(p)))
+  a = signals(params)
+  corr = jax.jit(lambda a: correlation_from_stats(
+      measure.merge_parts(measure.split_stats(a))))
+  m = corr(a)
+  config = gate_lib.GateConfig()
+  counters = jnp.asarray([5, 0, config.window, a.shape[1], 10, 0], jnp.int32)
+  values = jnp.ones((6,), jnp.float32)
+  history = jnp.linspace(-5.0, -4.0, config.window).astype(jnp.float32)
+  parts = {
+      "probe_signals": (signals, (params,)),
+      "stats_correlation": (corr, (a,)),
+      "top_summary_device": (jax.jit(functools.partial(
+          topology.top_summary_device, resolution=RESOLUTION)), (m,)),
+      "top_summary_host": (jax.jit(functools.partial(
+          topology.top_summary_via_host, resolution=RESOLUTION)), (m,)),
+      "gate_fold": (jax.jit(lambda c, v, h, d: transform.fold(
+          config, c, v, h, d, jnp.zeros((3,), jnp.float32), a.shape[1])),
+                    (counters, values, history, jnp.float32(0.01))),
+  }
+  grads = jax.tree.map(jnp.ones_like, params)
+  for backend in BACKENDS:
+    opt = cgalr_jax.scale_by_connectome(probe=probe, every=1,
+                                        backend=backend)
+    update = jax.jit(lambda g, s, p, opt=opt: opt.update(g, s, p)[1])
+    state = opt.init(params)
+    for _ in range(3):  # past the reference, with a history
+      state = update(grads, state, params)
+    parts[f"update_{backend}"] = (update, (grads, state, params))
+  calls = {}
+  for name, (fn, args) in parts.items():
+    _block(fn(*args))
+    calls[name] = lambda fn=fn, args=args: _block(fn(*args))
+  out = time_interleaved(calls, max(reps, 50))
+  log(f"  breakdown (MLP P={a.shape[1]}, probe {probe_size}): " + ", ".join(
+      f"{k} {v:.3f} ms" for k, v in out.items()))
+  return {"breakdown": out, "breakdown_signals": int(a.shape[1])}
 
 
 # ----------------------------------------------------------------------------
@@ -760,6 +828,14 @@ def table(result: dict) -> str:
       lines.append(f"  {name}: envelope {r['envelope']:.2f}, CG-ALR "
                    f"{r['cgalr_default']:.2f} "
                    f"({r['cgalr_default'] / r['envelope']:.3f}x)")
+      if "cgalr_never" in r:
+        lines.append(f"  {name}: CG-ALR never measuring after the first "
+                     f"step {r['cgalr_never']:.2f} "
+                     f"({r['cgalr_never'] / r['envelope']:.3f}x)")
+  if "breakdown" in result:
+    lines += ["", f"One probe measurement by part, experiments' MLP (P="
+              f"{result['breakdown_signals']}), median ms:", "  " + ", ".join(
+                  f"{k} {v:.3f}" for k, v in result["breakdown"].items())]
   if "state_bytes" in result:
     lines += ["", "State bytes after a measurement: " + ", ".join(
         f"P={p}: {n}" for p, n in result["state_bytes"].items())]
@@ -824,6 +900,7 @@ def run(out: Path, *, sizes: Sequence[int] = SIZES,
       "training step": lambda: bench_step(reps, quick, log),
       "sources": lambda: bench_sources(reps, quick, log),
       "cadence": lambda: bench_cadence(reps, quick, log),
+      "breakdown": lambda: bench_breakdown(reps, quick, log),
       "state size": lambda: {"state_bytes": {
           str(p): state_bytes(p) for p in state_sizes}},
   }

@@ -41,6 +41,11 @@ def test_cli_writes_the_schema(tmp_path, capsys):
   assert all(positive(v) for v in result["sources"].values())
   assert set(result["cadence"]["tiny"]) == {"sgd", "every10", "every50"}
   assert result["cadence_smallest_passing"] in (None, 10, 50)
+  assert set(result["breakdown"]) == {
+      "probe_signals", "stats_correlation", "top_summary_device",
+      "top_summary_host", "gate_fold", "update_device", "update_host"}
+  assert all(positive(v) for v in result["breakdown"].values())
+  assert result["breakdown_signals"] == 24  # the tiny MLP's 16 + 8
   assert result["state_bytes"] == {"4": result["state_bytes"]["4096"],
                                    "4096": result["state_bytes"]["4"]}
   assert isinstance(result["state_bytes"]["4"], int)
