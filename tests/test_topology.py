@@ -482,7 +482,7 @@ device_radix = jax.jit(
 
 @pytest.mark.parametrize("p", SIZES)
 def test_device_summary_is_exact(p):
-  # The radix selection is the default from P = 257 only; it runs at a few
+  # The radix selection is the default from P = 182 only; it runs at a few
   # small sizes here too (each size is one more compile).
   radix = p in (2, 3, 7, 33, 101)
   for kind in KINDS:
@@ -511,6 +511,17 @@ def test_radix_selection_matches_sorting():
   got = jax.jit(topology._select_keys_device, static_argnums=2)(
       keys, removed_keys, tuple(ranks))
   np.testing.assert_array_equal(np.asarray(got), left[ranks])
+
+
+def test_device_radix_default_just_above_its_threshold():
+  # P = 190 (17,955 edges): the smallest MLP sizes of the experiments take
+  # the radix selection by default on the device.
+  p = 190
+  assert p * (p - 1) // 2 >= topology._RADIX_MIN_EDGES > 181 * 180 // 2
+  for kind in ("activations", "dead-rows", "blocks"):
+    m = awkward_matrix(kind, p, seed=3)
+    np.testing.assert_array_equal(np.asarray(device_summary(m, 512)),
+                                  exact_summary(m, 512), err_msg=kind)
 
 
 @pytest.mark.parametrize("kind", ["activations", "dead-rows", "blocks"])
