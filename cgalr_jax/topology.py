@@ -15,8 +15,8 @@ gives):
   else SciPy's single linkage; one sort of the edges for the death
   quantiles (NumPy's vectorised sort beat histogram selection on the host).
 * ``device`` (pure JAX, stays on the accelerator): Prim's algorithm on
-  integer keys; the death quantiles by radix selection (three counting
-  passes over the edges) instead of a sort once the graph is large.
+  integer keys; the death quantiles by radix selection (four counting
+  passes over the edges) instead of a sort from about 180 nodes on.
 
 The host reads the upper triangle only. The device backend reads ``M`` as
 the symmetric matrix :func:`cgalr_jax.connectome` returns (Prim's algorithm
