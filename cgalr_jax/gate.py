@@ -8,6 +8,7 @@ constants live in one validated :class:`GateConfig`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -196,6 +197,13 @@ def _nanmedian_by_ranks(x: jax.Array) -> jax.Array:
   return jnp.where(count > 0, median, jnp.nan).astype(jnp.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def _pairs(window: int) -> tuple[np.ndarray, np.ndarray]:
+  """Slot indices ``(i, j)``, ``i < j``, of every unordered pair (static;
+  cached so the host gate does not rebuild them at every measurement)."""
+  return np.triu_indices(window, k=1)
+
+
 def robust_z(history: jax.Array, count: jax.Array, value: jax.Array,
              score: str = "trailing", xp: Any = jnp) -> jax.Array:
   """Robust score of ``value`` against the filled part of ``history``.
@@ -223,7 +231,7 @@ def robust_z(history: jax.Array, count: jax.Array, value: jax.Array,
     # Every unordered pair of slots once (ages are distinct, so dx != 0):
     # a pair's slope does not depend on its order, and half the values make
     # the median's pairwise ranking four times cheaper.
-    i, j = np.triu_indices(window, k=1)
+    i, j = _pairs(window)
     pair = filled[i] & filled[j]
     slopes = xp.where(pair, (past[i] - past[j]) / xp.where(
         pair, x[i] - x[j], 1.0), xp.float32(xp.nan))

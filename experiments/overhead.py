@@ -61,9 +61,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import functools
 import math
 import os
-import functools
 import platform
 import sys
 import time
@@ -80,7 +80,6 @@ from cgalr_jax import gate as gate_lib
 from cgalr_jax import measure
 from cgalr_jax import topology
 from cgalr_jax import transform
-from cgalr_jax.connectome import correlation_from_stats
 from cgalr_jax.flax import probe as flax_probe
 
 SIZES = (64, 128, 256, 512, 1024)
@@ -587,8 +586,7 @@ def bench_breakdown(reps: int, quick: bool, log) -> dict:
   probe = flax_probe(model, jnp.asarray(x_np[:probe_size]))
   signals = jax.jit(lambda p: measure.signals(probe(p)))
   a = signals(params)
-  corr = jax.jit(lambda a: correlation_from_stats(
-      measure.merge_parts(measure.split_stats(a))))
+  corr = jax.jit(measure.connectome)  # statistics and correlation
   m = corr(a)
   config = gate_lib.GateConfig()
   counters = jnp.asarray([5, 0, config.window, a.shape[1], 10, 0], jnp.int32)
