@@ -179,6 +179,12 @@ def _nanmedian_by_ranks(x: jax.Array) -> jax.Array:
   comparisons, and the two middle ranks are picked by masks. The window is
   at most a few hundred values, for which this is cheaper than XLA:CPU's
   sort.
+
+  The counts and the picks are matrix-vector products, exact here (sums of
+  0/1 below 2^24; one nonzero term per pick), not reductions: every
+  reduction in a program costs each of its runs a little even where it does
+  not execute (see ``topology._cumsum``), and the gate runs inside the
+  training step's measuring branch.
   """
   x = x.astype(jnp.float32).reshape(-1)
   valid = ~jnp.isnan(x)
@@ -186,15 +192,24 @@ def _nanmedian_by_ranks(x: jax.Array) -> jax.Array:
   below = (x[None, :] < x[:, None]) | (
       (x[None, :] == x[:, None])
       & (jnp.arange(n)[None, :] < jnp.arange(n)[:, None]))
-  rank = jnp.sum(below & valid[None, :], axis=1)
-  count = jnp.sum(valid)
+  # Rows: each value's rank among the valid values; the last row counts them.
+  counts = _matvec(jnp.concatenate([below, jnp.ones((1, n), bool)]),
+                   valid).astype(jnp.int32)
+  rank, count = counts[:n], counts[n]
   half = (count - 1).astype(jnp.float32) / 2
   lo, hi = jnp.floor(half).astype(rank.dtype), jnp.ceil(half).astype(
       rank.dtype)
-  pick = lambda r: jnp.sum(jnp.where(valid & (rank == r), x, 0.0))  # noqa: E731
+  picks = _matvec(jnp.where(valid & (rank[None, :] == jnp.stack([lo, hi])[
+      :, None]), x, 0.0), jnp.ones((n,), jnp.float32))
   w = half - jnp.floor(half)
-  median = pick(lo) * (1 - w) + pick(hi) * w
+  median = picks[0] * (1 - w) + picks[1] * w
   return jnp.where(count > 0, median, jnp.nan).astype(jnp.float32)
+
+
+def _matvec(m: jax.Array, v: jax.Array) -> jax.Array:
+  """``m @ v`` in float32 at full precision."""
+  return jnp.dot(m.astype(jnp.float32), v.astype(jnp.float32),
+                 precision=jax.lax.Precision.HIGHEST)
 
 
 @functools.lru_cache(maxsize=None)
@@ -235,13 +250,13 @@ def robust_z(history: jax.Array, count: jax.Array, value: jax.Array,
     pair = filled[i] & filled[j]
     slopes = xp.where(pair, (past[i] - past[j]) / xp.where(
         pair, x[i] - x[j], 1.0), xp.float32(xp.nan))
-    slope = xp.where(xp.sum(filled) >= MIN_TREND_POINTS,
+    slope = xp.where(xp.minimum(count, window) >= MIN_TREND_POINTS,
                       _nanmedian(slopes, xp), xp.float32(0.0))
     past = past - slope * x  # residuals up to the intercept; current at x=0
   med = _nanmedian(past, xp)
   mad = _nanmedian(xp.abs(past - med), xp)
   z = (value - med) / (MAD_TO_STD * mad + Z_EPS)
-  return xp.where(xp.any(filled), z, 0.0).astype(xp.float32)
+  return xp.where(count > 0, z, 0.0).astype(xp.float32)
 
 
 def push(history: jax.Array, count: jax.Array, value: jax.Array,

@@ -47,6 +47,11 @@ _COUNT, _GATE, _HISTORY_COUNT, _REFERENCE_NODES, _MEASURED, _SKIPPED = range(6)
 _SCALE, _Z, _DISTANCE, _NOISE, _EVEN_DISTANCE, _ODD_DISTANCE = range(6)
 
 
+def _unit(slot: int) -> jax.Array:
+  """int32 ``[6]`` with a 1 at ``slot``."""
+  return jnp.asarray(np.arange(6) == slot, jnp.int32)
+
+
 class ScaleByConnectomeState(NamedTuple):
   """State of :func:`scale_by_connectome`; every field has a fixed shape.
 
@@ -446,7 +451,7 @@ def scale_by_connectome(
     return a
 
   def skip(state):
-    return state._replace(counters=state.counters.at[_SKIPPED].add(1))
+    return state._replace(counters=state.counters + _unit(_SKIPPED))
 
   def accept(state, summaries, dist, noise_values, num_nodes):
     """Fold an accepted measurement into the state (DESIGN.md 2)."""
@@ -464,7 +469,7 @@ def scale_by_connectome(
     parts = [whole]
     if noise:
       parts += [measure.part(stats, 0), measure.part(stats, 1)]
-    ok = jnp.all(jnp.stack([measure.usable(s) for s in parts]))
+    ok = functools.reduce(jnp.logical_and, [measure.usable(s) for s in parts])
     if on_host_after_connectome(num_nodes):
       return measure_on_host(state, parts, ok, num_nodes)
 
@@ -476,7 +481,7 @@ def scale_by_connectome(
               for i, m in enumerate(mats)]
       summaries = jnp.stack([o[0] for o in outs])
       dists = jnp.stack([o[1] for o in outs])
-      good = jnp.all(jnp.stack([o[2] for o in outs]))
+      good = functools.reduce(jnp.logical_and, [o[2] for o in outs])
       if noise:
         floor, floor_ok = measure.summary_distance(
             summaries[1], summaries[2], mats[2], distance=distance,
@@ -485,9 +490,10 @@ def scale_by_connectome(
         good = good & floor_ok
       else:
         noise_values = jnp.zeros((3,), jnp.float32)
-      good = (good & jnp.all(jnp.isfinite(summaries))
-              & jnp.all(jnp.isfinite(dists)) & jnp.all(jnp.isfinite(
-                  noise_values)))
+      # x * 0 is NaN exactly where x is not finite; one product, no
+      # reduction (see measure.vector_sum).
+      good = good & ~jnp.isnan(measure.vector_sum(jnp.concatenate(
+          [summaries.reshape(-1), dists, noise_values]) * 0))
       return jax.lax.cond(
           good, lambda s: accept(s, summaries, dists[0], noise_values,
                              num_nodes), skip,
@@ -565,8 +571,9 @@ def scale_by_connectome(
           lambda s: s, state)
     else:
       state = jax.lax.cond(due, skip, lambda s: s, state)
-    state = state._replace(counters=state.counters.at[_COUNT].set(
-        optax.safe_increment(count)))
+    # Masks, not scatters: a scatter costs every run of the step a little.
+    state = state._replace(counters=jnp.where(
+        _unit(_COUNT) == 1, optax.safe_increment(count), state.counters))
     updates = jax.tree.map(
         lambda u: None if u is None else u * applied.astype(u.dtype), updates)
     return updates, state

@@ -128,6 +128,8 @@ def load_previous(revision: str) -> Any:
   path.write_text(source)
   spec = importlib.util.spec_from_file_location("previous_topology", path)
   module = importlib.util.module_from_spec(spec)
+  # Registered first: the module may look itself up in sys.modules.
+  sys.modules[spec.name] = module
   spec.loader.exec_module(module)
   return module
 

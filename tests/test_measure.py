@@ -99,6 +99,31 @@ def test_usable_needs_three_samples_and_two_live_signals():
   assert not ok(np.where(np.eye(10, 4) > 0, np.nan, rng.normal(size=(10, 4))))
 
 
+@pytest.mark.parametrize("field", ["gram", "total", "shift"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_usable_rejects_any_non_finite_statistic(field, value):
+  """The traced check (one reduction) against the NumPy one (one per
+  field): a single non-finite entry anywhere makes statistics unusable."""
+  rng = np.random.default_rng(5)
+  stats = measure.merge_parts(measure.split_stats(
+      jnp.asarray(rng.normal(size=(12, 5)), jnp.float32)))
+  as_np = lambda s: jax.tree.map(np.asarray, s)  # noqa: E731
+  assert bool(measure.usable(stats))
+  assert bool(measure.usable(as_np(stats), np))
+  x = np.array(getattr(stats, field))
+  x.reshape(-1)[x.size // 2 + 1] = value
+  bad = stats._replace(**{field: jnp.asarray(x)})
+  assert not bool(jax.jit(measure.usable)(bad))
+  assert not bool(measure.usable(as_np(bad), np))
+
+
+def test_column_sums_are_sums():
+  a = np.random.default_rng(6).normal(size=(37, 9)).astype(np.float32)
+  np.testing.assert_allclose(
+      np.asarray(measure._column_sums(jnp.asarray(a))),  # pylint: disable=protected-access
+      a.astype(np.float64).sum(0), rtol=1e-5, atol=1e-5)
+
+
 def test_backend_policy():
   assert measure.resolve_backend("auto", "wd") == "host"
   assert measure.resolve_backend("device", "top", 4096) == "device"
