@@ -43,12 +43,18 @@ shared machine.
    experiments' mnist5k MLP (P = 192): probe forward pass, statistics and
    correlation, TOP summary (device; through the host), the gate's fold,
    and a whole measuring update per backend.
-7. ``runs``: whole training runs of the experiments' digits and mnist5k
+7. ``untaken``: what a ``lax.cond`` branch that never runs adds to the
+   reference MLP step per operation it holds (100 cumulative sums, 100 of
+   the same sums as associative scans, or 100 matrix-vector products; on
+   XLA:CPU reduction-like operations cost every run of the program), and
+   how many reduction-like operations CG-ALR's measuring branch adds to
+   the compiled step.
+8. ``runs``: whole training runs of the experiments' digits and mnist5k
    MLPs through ``experiments/train.py``, ungated envelope against CG-ALR
    at the default ``every`` and against CG-ALR that measures only at its
    first step (the fixed cost of the transform in the loop), per epoch
    after the first.
-8. ``state_bytes``: bytes of the CG-ALR optimiser state after a
+9. ``state_bytes``: bytes of the CG-ALR optimiser state after a
    measurement of P signals (its shapes are fixed: it must not grow with P).
 
 Activations are synthetic but structured: a LeakyReLU layer of random
@@ -65,6 +71,7 @@ import functools
 import math
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -622,6 +629,84 @@ def bench_breakdown(reps: int, quick: bool, log) -> dict:
   return {"breakdown": out, "breakdown_signals": int(a.shape[1])}
 
 
+UNTAKEN_OPS = 100  # operations in the branch that never runs
+
+
+def _branch_scale(kind: str, count: int) -> optax.GradientTransformation:
+  """Multiplies updates by a scalar that a ``lax.cond`` branch would change
+  once every 2^30 updates; the branch holds ``count`` small operations of
+  one ``kind``: cumulative sums (reduce-windows), the same sums as
+  associative scans (slices and adds), or matrix-vector products."""
+  def branch(v):
+    w = jnp.arange(16.0, dtype=jnp.float32) * v
+    mat = jnp.ones((16, 16), jnp.float32) / 16
+    for i in range(count):
+      if kind == "cumsum":
+        w = jnp.cumsum(w * 1.01 + i)
+      elif kind == "scan":
+        w = jax.lax.associative_scan(jnp.add, w * 1.01 + i)
+      else:
+        w = jnp.tanh(mat @ w + i)
+    return w[0]
+
+  def update(updates, state, params=None):
+    del params
+    count_, scale = state
+    scale = jax.lax.cond((count_ + 1) % 2 ** 30 == 0, branch, lambda v: v,
+                         scale)
+    return (jax.tree.map(lambda u: u * scale, updates),
+            (count_ + 1, scale))
+
+  return optax.GradientTransformation(
+      lambda p: (jnp.zeros((), jnp.int32), jnp.ones((), jnp.float32)),
+      update)
+
+
+_REDUCTION_OPS = re.compile(r" (?:reduce|reduce-window|scatter|sort)\(")
+
+
+def bench_untaken(reps: int, quick: bool, log) -> dict:
+  """What a ``lax.cond`` branch that does not run costs a step on this
+  backend, per operation it holds, by kind; and how many reduction-like
+  operations (reduce, reduce-window, scatter, sort) CG-ALR's measuring
+  branch adds to the reference MLP step (the compiled program's count over
+  plain SGD's)."""
+  from experiments import models as models_lib  # pylint: disable=import-outside-toplevel
+
+  hidden, probe_size, count = (((16, 8), 64, 20) if quick
+                               else ((256, 128), PROBE_SIZE, UNTAKEN_OPS))
+  model = models_lib.MLP(hidden=hidden)
+  x_np, y_np, _ = training_batch(max(BATCH, probe_size), real=not quick)
+  x, y = jnp.asarray(x_np[:BATCH]), jnp.asarray(y_np[:BATCH])
+  params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
+  chain = lambda t: optax.chain(optax.trace(0.9), t,  # noqa: E731
+                                optax.scale_by_learning_rate(0.01))
+  variants = {"sgd": (optax.sgd(0.01, 0.9), False),
+              "empty": (chain(_branch_scale("matvec", 0)), False)}
+  variants.update({kind: (chain(_branch_scale(kind, count)), False)
+                   for kind in ("cumsum", "scan", "matvec")})
+  per_step, _ = time_variants(model, params, x, y, variants, CYCLE,
+                              max(reps, 50))
+  per_op_us = {kind: 1e3 * (per_step[kind] - per_step["empty"]) / count
+               for kind in ("cumsum", "scan", "matvec")}
+
+  def reductions(optimizer):
+    text = jax.jit(make_step(model, optimizer, x, y)).lower(
+        params, optimizer.init(params)).compile().as_text()
+    return len(_REDUCTION_OPS.findall(text))
+
+  probe = flax_probe(model, jnp.asarray(x_np[:probe_size]))
+  extra = (reductions(cgalr_jax.cgalr(0.01, 0.9, probe=probe))
+           - reductions(optax.sgd(0.01, 0.9)))
+  log(f"  untaken branch ({count} ops): " + ", ".join(
+      f"{k} {v:.3f} ms" for k, v in per_step.items()) + "; per op "
+      + ", ".join(f"{k} {v:.2f} us" for k, v in per_op_us.items())
+      + f"; CG-ALR adds {extra} reduction-like ops")
+  return {"untaken": {"ops": count, "step_ms": per_step,
+                      "per_op_us": per_op_us,
+                      "cgalr_extra_reductions": extra}}
+
+
 # ----------------------------------------------------------------------------
 # 5. State size.
 
@@ -834,6 +919,13 @@ def table(result: dict) -> str:
     lines += ["", f"One probe measurement by part, experiments' MLP (P="
               f"{result['breakdown_signals']}), median ms:", "  " + ", ".join(
                   f"{k} {v:.3f}" for k, v in result["breakdown"].items())]
+  if "untaken" in result:
+    u = result["untaken"]
+    lines += ["", f"A lax.cond branch that never runs, {u['ops']} operations"
+              " in it: added per step and operation (us): " + ", ".join(
+                  f"{k} {v:.2f}" for k, v in u["per_op_us"].items())
+              + f"; CG-ALR's measuring branch adds "
+              f"{u['cgalr_extra_reductions']} reduction-like operations"]
   if "state_bytes" in result:
     lines += ["", "State bytes after a measurement: " + ", ".join(
         f"P={p}: {n}" for p, n in result["state_bytes"].items())]
@@ -899,6 +991,7 @@ def run(out: Path, *, sizes: Sequence[int] = SIZES,
       "sources": lambda: bench_sources(reps, quick, log),
       "cadence": lambda: bench_cadence(reps, quick, log),
       "breakdown": lambda: bench_breakdown(reps, quick, log),
+      "untaken branch": lambda: bench_untaken(reps, quick, log),
       "state size": lambda: {"state_bytes": {
           str(p): state_bytes(p) for p in state_sizes}},
   }

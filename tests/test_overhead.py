@@ -46,6 +46,12 @@ def test_cli_writes_the_schema(tmp_path, capsys):
       "top_summary_host", "gate_fold", "update_device", "update_host"}
   assert all(positive(v) for v in result["breakdown"].values())
   assert result["breakdown_signals"] == 24  # the tiny MLP's 16 + 8
+  untaken = result["untaken"]
+  assert set(untaken["step_ms"]) == {"sgd", "empty", "cumsum", "scan",
+                                     "matvec"}
+  assert all(positive(v) for v in untaken["step_ms"].values())
+  assert set(untaken["per_op_us"]) == {"cumsum", "scan", "matvec"}
+  assert 0 < untaken["cgalr_extra_reductions"] <= 20
   assert result["state_bytes"] == {"4": result["state_bytes"]["4096"],
                                    "4096": result["state_bytes"]["4"]}
   assert isinstance(result["state_bytes"]["4"], int)
