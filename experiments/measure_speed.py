@@ -21,8 +21,10 @@ burst of load from another process hits all of them alike), the median of:
   ``topology.top_summary_device`` on a device one);
 * with ``--previous REV``: the same four library variants (``prev_host``,
   ``prev_device``, ``prev_host_summary``, ``prev_device_summary``) with
-  ``cgalr_jax/topology.py`` as of git revision REV, loaded side by side with
-  the current one.
+  ``cgalr_jax/topology.py`` and the correlation of ``cgalr_jax/connectome.py``
+  as of git revision REV, loaded side by side with the current ones (the
+  sufficient statistics, a mean, a sum and the Gram product, are the
+  current code's).
 
 Before timing, every library summary (and the previous one's) is checked bit
 for bit against the exact quantiles of the reference's sets computed on the
@@ -49,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import cgalr_jax
-from cgalr_jax import topology
+from cgalr_jax import measure, topology
 from experiments.overhead import time_interleaved
 
 SIZES = (256, 512, 1024, 2048)
@@ -119,14 +121,14 @@ def reference_measure(a: np.ndarray) -> np.ndarray:
 # Library pipelines.
 
 
-def load_previous(revision: str) -> Any:
-  """``cgalr_jax/topology.py`` as of a git revision, as a separate module."""
+def _load_module(revision: str, path: str, name: str) -> Any:
+  """``path`` as of a git revision, as a separate module called ``name``."""
   source = subprocess.run(
-      ["git", "show", f"{revision}:cgalr_jax/topology.py"], cwd=REPO,
+      ["git", "show", f"{revision}:{path}"], cwd=REPO,
       check=True, capture_output=True, text=True).stdout
-  path = Path(tempfile.mkdtemp()) / "previous_topology.py"
-  path.write_text(source)
-  spec = importlib.util.spec_from_file_location("previous_topology", path)
+  file = Path(tempfile.mkdtemp()) / f"{name}.py"
+  file.write_text(source)
+  spec = importlib.util.spec_from_file_location(name, file)
   module = importlib.util.module_from_spec(spec)
   # Registered first: the module may look itself up in sys.modules.
   sys.modules[spec.name] = module
@@ -134,16 +136,33 @@ def load_previous(revision: str) -> Any:
   return module
 
 
-def pipeline(module: Any, backend: str) -> Callable:
+def load_previous(revision: str) -> tuple[Any, Callable]:
+  """The summaries and the connectome as of a git revision: its
+  ``topology.py`` as a module, and ``activations -> connectome`` with its
+  ``connectome.py``'s correlation (the statistics, a mean, a sum and the
+  Gram product, come from the current code)."""
+  previous = _load_module(revision, "cgalr_jax/connectome.py",
+                          "previous_connectome")
+
+  def connectome(a):
+    return previous.correlation_from_stats(
+        measure.merge_parts(measure.split_stats(a)))
+
+  return (_load_module(revision, "cgalr_jax/topology.py",
+                       "previous_topology"), connectome)
+
+
+def pipeline(module: Any, backend: str,
+             connectome: Callable = cgalr_jax.connectome) -> Callable:
   """Jitted ``activations -> [2, K] summary`` with ``module``'s summary."""
 
-  def measure(a):
-    m = cgalr_jax.connectome(a)
+  def measure_(a):
+    m = connectome(a)
     if backend == "device":
       return module.top_summary_device(m, RESOLUTION)
     return module.top_summary_via_host(m, RESOLUTION)[0]
 
-  return jax.jit(measure)
+  return jax.jit(measure_)
 
 
 # ----------------------------------------------------------------------------
@@ -166,7 +185,7 @@ def switch_points(faster: dict[str, str]) -> list[str]:
 def run(out: Path, sizes: Sequence[int], reps: int,
         previous: str | None = None, command: str = "", log=print) -> dict:
   """Check, time and tabulate every variant at every P; write the JSON."""
-  modules = {"": topology}
+  modules = {"": (topology, cgalr_jax.connectome)}
   if previous is not None:
     modules["prev_"] = load_previous(previous)
   result: dict[str, Any] = {
@@ -188,9 +207,9 @@ def run(out: Path, sizes: Sequence[int], reps: int,
     calls = {"reference": lambda: reference_measure(a),
              "connectome": lambda: jax.block_until_ready(connectome(a_dev))}
     identical = {}
-    for prefix, module in modules.items():
+    for prefix, (module, connectome_fn) in modules.items():
       for backend in ("host", "device"):
-        fn = pipeline(module, backend)
+        fn = pipeline(module, backend, connectome_fn)
         identical[prefix + backend] = bool(
             np.array_equal(np.asarray(fn(a_dev)), exact))
         calls[prefix + backend] = (
