@@ -286,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--reps", type=int, default=15,
                       help="timed repetitions per figure (default 15)")
   parser.add_argument("--previous", default=None,
-                      help="git revision whose topology.py to time alongside")
+                      help="git revision whose topology and correlation to "
+                      "time alongside")
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parser.parse_args(argv)
   sizes = [int(s) for s in args.sizes.split(",") if s]
