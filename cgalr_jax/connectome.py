@@ -76,28 +76,36 @@ def correlation_from_stats(stats: SignalStats, xp: Any = jnp) -> jax.Array:
   return m * (1.0 - xp.eye(m.shape[0], dtype=m.dtype))
 
 
+@jax.custom_jvp
 def _transposed(m: jax.Array) -> jax.Array:
-  """``m.T`` with the same values; on a CPU, as its own row-major copy.
+  """``m.T`` (a matrix) bit for bit; on a CPU, as its own row-major copy.
 
   XLA:CPU fuses ``0.5 * (m + m.T)`` and the elementwise steps before it
   into one loop that reads half its inputs down columns, about 3x slower
   at P = 2048 than writing the transpose out first (a plain transposing
-  copy) and adding two row-major arrays. The copy is carried through a
-  loop that runs zero times (unless ``m[0, 0]`` is NaN, and then it adds
-  zero): XLA keeps what a loop carries as a separate buffer, so it can
-  fuse neither the copy into the addition nor change its layout. Other
-  platforms transpose in tiles inside the fusion and take ``m.T``.
+  copy) and adding two row-major arrays. The copy's bits are carried
+  through a loop that runs zero times (once if ``m[0, 0]`` is NaN, and
+  then it XORs them with zero): XLA keeps what a loop carries as a
+  separate buffer, so it can neither fuse the copy into the addition nor
+  change its layout. Other platforms transpose in tiles inside the fusion
+  and take ``m.T``. Differentiable (the derivative of a transpose is a
+  transpose).
   """
   def on_cpu(x):
-    flat = x.T.reshape(-1)
+    bits = jax.lax.bitcast_convert_type(x.T.reshape(-1), jnp.int32)
     runs = jnp.isnan(x[0, 0]).astype(jnp.int32)
-    _, flat = jax.lax.while_loop(
-        lambda c: c[0] < runs,
-        lambda c: (c[0] + 1, c[1] + c[0].astype(c[1].dtype)),
-        (jnp.int32(0), flat))
-    return flat.reshape(x.shape)
+    _, bits = jax.lax.while_loop(lambda c: c[0] < runs,
+                                 lambda c: (c[0] + 1, c[1] ^ c[0]),
+                                 (jnp.int32(0), bits))
+    return jax.lax.bitcast_convert_type(bits, x.dtype).reshape(x.shape[::-1])
 
   return jax.lax.platform_dependent(m, cpu=on_cpu, default=lambda x: x.T)
+
+
+@_transposed.defjvp
+def _transposed_jvp(primals, tangents):
+  (m,), (dm,) = primals, tangents
+  return _transposed(m), dm.T
 
 
 def _rsqrt(x, xp):

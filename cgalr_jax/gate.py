@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cgalr_jax import _sums
+
 HOLD = 0
 BRAKE = -1
 BOOST = 1
@@ -181,10 +183,8 @@ def _nanmedian_by_ranks(x: jax.Array) -> jax.Array:
   sort.
 
   The counts and the picks are matrix-vector products, exact here (sums of
-  0/1 below 2^24; one nonzero term per pick), not reductions: every
-  reduction in a program costs each of its runs a little even where it does
-  not execute (see ``topology._cumsum``), and the gate runs inside the
-  training step's measuring branch.
+  0/1 below 2^24; one nonzero term per pick), not reductions: the gate runs
+  inside the training step's measuring branch (see :mod:`cgalr_jax._sums`).
   """
   x = x.astype(jnp.float32).reshape(-1)
   valid = ~jnp.isnan(x)
@@ -193,23 +193,17 @@ def _nanmedian_by_ranks(x: jax.Array) -> jax.Array:
       (x[None, :] == x[:, None])
       & (jnp.arange(n)[None, :] < jnp.arange(n)[:, None]))
   # Rows: each value's rank among the valid values; the last row counts them.
-  counts = _matvec(jnp.concatenate([below, jnp.ones((1, n), bool)]),
-                   valid).astype(jnp.int32)
+  counts = _sums.matvec(jnp.concatenate([below, jnp.ones((1, n), bool)]),
+                        valid).astype(jnp.int32)
   rank, count = counts[:n], counts[n]
   half = (count - 1).astype(jnp.float32) / 2
   lo, hi = jnp.floor(half).astype(rank.dtype), jnp.ceil(half).astype(
       rank.dtype)
-  picks = _matvec(jnp.where(valid & (rank[None, :] == jnp.stack([lo, hi])[
+  picks = _sums.matvec(jnp.where(valid & (rank[None, :] == jnp.stack([lo, hi])[
       :, None]), x, 0.0), jnp.ones((n,), jnp.float32))
   w = half - jnp.floor(half)
   median = picks[0] * (1 - w) + picks[1] * w
   return jnp.where(count > 0, median, jnp.nan).astype(jnp.float32)
-
-
-def _matvec(m: jax.Array, v: jax.Array) -> jax.Array:
-  """``m @ v`` in float32 at full precision."""
-  return jnp.dot(m.astype(jnp.float32), v.astype(jnp.float32),
-                 precision=jax.lax.Precision.HIGHEST)
 
 
 @functools.lru_cache(maxsize=None)

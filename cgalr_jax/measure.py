@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cgalr_jax import topology, wd
+from cgalr_jax import _sums, topology, wd
 from cgalr_jax.connectome import (SignalStats, correlation_from_stats,
                                   live_signals)
 
@@ -209,23 +209,6 @@ def _gram(centred: jax.Array) -> jax.Array:
                     **kwargs)
 
 
-def _column_sums(a: jax.Array) -> jax.Array:
-  """``a.sum(0)`` as a vector-matrix product: reductions cost every run of a
-  program a little, even inside a branch it skips (see
-  ``topology._cumsum``); products do not."""
-  return jnp.dot(jnp.ones(a.shape[:1], a.dtype), a,
-                 precision=jax.lax.Precision.HIGHEST)
-
-
-def vector_sum(v: jax.Array) -> jax.Array:
-  """Sum of a float32 vector as a product with a ``[n, 2]`` matrix of ones
-  (XLA keeps it a product; with a single column it becomes a reduction
-  again). Propagates NaN and infinities like a sum; exact on counts."""
-  v = v.astype(jnp.float32)
-  return jnp.dot(v, jnp.ones((v.shape[0], 2), jnp.float32),
-                 precision=jax.lax.Precision.HIGHEST)[0]
-
-
 def split_stats(a: jax.Array, shift: jax.Array | None = None, *,
                 halves: bool = False, axis_name: Any = None) -> SignalStats:
   """Sufficient statistics of ``[N, P]`` signals, with a leading parts axis.
@@ -245,7 +228,7 @@ def split_stats(a: jax.Array, shift: jax.Array | None = None, *,
   """
   a = a.astype(jnp.float32)
   if shift is None:
-    shift = _column_sums(a) / a.shape[0]
+    shift = jnp.mean(a, axis=0)
     if axis_name is not None:
       # Every shard must use the same shift for the sums to add up.
       shift = jax.lax.pmean(shift, axis_name)
@@ -254,7 +237,7 @@ def split_stats(a: jax.Array, shift: jax.Array | None = None, *,
   for part in parts:
     centred = part - shift
     n.append(jnp.asarray(part.shape[0], jnp.float32))
-    total.append(_column_sums(centred))
+    total.append(jnp.sum(centred, axis=0))
     gram.append(_gram(centred))
   n, total, gram = jnp.stack(n), jnp.stack(total), jnp.stack(gram)
   if axis_name is not None:
@@ -313,15 +296,13 @@ def usable(stats: SignalStats, xp: Any = jnp) -> jax.Array:
             & xp.all(xp.isfinite(stats.total))
             & xp.all(xp.isfinite(stats.shift))
             & (xp.sum(live_signals(stats)) >= 2))
-  # One reduction instead of four (each costs every run of the training
-  # step a little, see topology._cumsum): a non-finite Gram entry makes its
-  # row sum non-finite (a matrix-vector product, not a reduction), and
-  # ``x * 0`` is NaN exactly where x is not finite.
-  row = jnp.dot(stats.gram, jnp.ones(stats.gram.shape[-1:], jnp.float32),
-                precision=jax.lax.Precision.HIGHEST)
-  bad = jnp.isnan(row * 0 + stats.total * 0 + stats.shift * 0)
+  # Products instead of four reductions (the check runs in the training
+  # step's measuring branch, see cgalr_jax._sums): ``x * 0`` is NaN exactly
+  # where x is not finite, and a row of a product with a NaN is NaN.
+  bad = jnp.isnan(_sums.matvec(stats.gram * 0, jnp.ones(stats.gram.shape[-1:]))
+                  + stats.total * 0 + stats.shift * 0)
   live = jnp.where(bad, -jnp.inf, live_signals(stats).astype(jnp.float32))
-  return (stats.n >= MIN_SAMPLES) & (vector_sum(live) >= 2)
+  return (stats.n >= MIN_SAMPLES) & (_sums.total(live) >= 2)
 
 
 # ----------------------------------------------------------------------------

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cgalr_jax import _sums
+
 # ----------------------------------------------------------------------------
 # Set sizes and quantile ranks (static, shared by both backends).
 
@@ -495,7 +497,7 @@ def _tree_keys_device(keys: jax.Array) -> jax.Array:
   def step(i, carry):
     in_tree, best, births = carry
     j = jnp.argmax(best)
-    # Slice updates and masks, not scatters (see _cumsum).
+    # Slice updates and masks, not scatters (see cgalr_jax._sums).
     births = jax.lax.dynamic_update_slice(births, best[j][None], (i,))
     in_tree = in_tree | (nodes == j)
     best = jnp.where(in_tree, _INT32_MIN, jnp.maximum(best, keys[j]))
@@ -526,18 +528,6 @@ def _radix_digit(keys: jax.Array, shift: int, bits: int) -> jax.Array:
   return ((unsigned >> shift) & ((1 << bits) - 1)).astype(jnp.int32)
 
 
-def _cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
-  """Inclusive cumulative sum (exact on integers) built from slices and adds.
-
-  ``jnp.cumsum`` becomes a tree of reduce-windows on XLA:CPU, and every
-  reduction-like operation (reduce, reduce-window, scatter, sort) in a
-  program adds a fixed cost to each of its runs, even inside a ``lax.cond``
-  branch that is not taken: the measuring branch of a training step keeps
-  them few so that steps that do not measure stay as cheap as plain ones.
-  """
-  return jax.lax.associative_scan(jnp.add, x, axis=axis)
-
-
 def _count(index: jax.Array, removed_index: jax.Array, size: int) -> jax.Array:
   """Histogram of ``index`` minus that of ``removed_index``.
 
@@ -550,7 +540,7 @@ def _count(index: jax.Array, removed_index: jax.Array, size: int) -> jax.Array:
 def _slot_ids(bucket: jax.Array) -> jax.Array:
   """Dense ids 0, 1, ... of the distinct values of a non-decreasing array."""
   change = (bucket[1:] != bucket[:-1]).astype(jnp.int32)
-  return _cumsum(jnp.concatenate([jnp.zeros((1,), jnp.int32), change]))
+  return _sums.cumsum(jnp.concatenate([jnp.zeros((1,), jnp.int32), change]))
 
 
 def _select_keys_device(keys: jax.Array, removed: jax.Array,
@@ -581,7 +571,7 @@ def _select_keys_device(keys: jax.Array, removed: jax.Array,
   digit, removed_digit = (_radix_digit(k, shift, _RADIX_DIGITS[0])
                           for k in (keys, removed))
   counts = _count(digit, removed_digit, 1 << _RADIX_DIGITS[0])
-  cumulative = _cumsum(counts)
+  cumulative = _sums.cumsum(counts)
   bucket = jnp.searchsorted(cumulative, rank, side="right",
                             method="scan_unrolled").astype(jnp.int32)
   rank = rank - (cumulative[bucket] - counts[bucket])
@@ -601,11 +591,10 @@ def _select_keys_device(keys: jax.Array, removed: jax.Array,
                     jnp.where(removed_slot >= 0,
                               removed_slot * width + removed_digit, outside),
                     num * width).reshape(num, width)
-    cumulative = _cumsum(counts[slot], axis=1)
-    # A row count as a matrix-vector product (exact: at most 2^bits ones).
-    bucket = jnp.dot((cumulative <= rank[:, None]).astype(jnp.float32),
-                     jnp.ones((width,), jnp.float32),
-                     precision=jax.lax.Precision.HIGHEST).astype(jnp.int32)
+    cumulative = _sums.cumsum(counts[slot], axis=1)
+    # A row count as a product (exact: at most 2^bits ones; see _sums).
+    bucket = _sums.matvec(cumulative <= rank[:, None],
+                          jnp.ones((width,))).astype(jnp.int32)
     below = jnp.take_along_axis(
         cumulative, jnp.maximum(bucket - 1, 0)[:, None], axis=1)[:, 0]
     rank = rank - jnp.where(bucket > 0, below, 0)
@@ -684,12 +673,7 @@ def top_summary_distance(ref: jax.Array, cur: jax.Array,
   """
   n_b, n_d = set_sizes(num_nodes)
   k = ref.shape[-1]
-  sq = xp.square(ref - cur)
-  if xp is jnp:  # a product, not a reduction (see _cumsum)
-    sq = jnp.dot(sq, jnp.ones(sq.shape[-1:], sq.dtype),
-                 precision=jax.lax.Precision.HIGHEST)
-  else:
-    sq = xp.sum(sq, axis=-1)
+  sq = xp.sum(xp.square(ref - cur), axis=-1)
   return (n_b / k) * sq[..., 0] + (n_d / k) * sq[..., 1]
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cgalr_jax import _sums
 from cgalr_jax import gate as gate_lib
 from cgalr_jax import measure
 from cgalr_jax import topology
@@ -45,11 +46,12 @@ KNOWN_EXTRA_ARGS = frozenset({"value", "loss", "grad", "key", "rng"})
 # cheap as a plain optimizer step).
 _COUNT, _GATE, _HISTORY_COUNT, _REFERENCE_NODES, _MEASURED, _SKIPPED = range(6)
 _SCALE, _Z, _DISTANCE, _NOISE, _EVEN_DISTANCE, _ODD_DISTANCE = range(6)
+_NUM_COUNTERS = 6
 
 
 def _unit(slot: int) -> jax.Array:
-  """int32 ``[6]`` with a 1 at ``slot``."""
-  return jnp.asarray(np.arange(6) == slot, jnp.int32)
+  """int32 ``[_NUM_COUNTERS]`` with a 1 at ``slot``."""
+  return jnp.asarray(np.arange(_NUM_COUNTERS) == slot, jnp.int32)
 
 
 class ScaleByConnectomeState(NamedTuple):
@@ -490,9 +492,9 @@ def scale_by_connectome(
         good = good & floor_ok
       else:
         noise_values = jnp.zeros((3,), jnp.float32)
-      # x * 0 is NaN exactly where x is not finite; one product, no
-      # reduction (see measure.vector_sum).
-      good = good & ~jnp.isnan(measure.vector_sum(jnp.concatenate(
+      # x * 0 is NaN exactly where x is not finite; a product, not a
+      # reduction (see cgalr_jax._sums).
+      good = good & ~jnp.isnan(_sums.total(jnp.concatenate(
           [summaries.reshape(-1), dists, noise_values]) * 0))
       return jax.lax.cond(
           good, lambda s: accept(s, summaries, dists[0], noise_values,

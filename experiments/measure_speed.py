@@ -156,13 +156,13 @@ def pipeline(module: Any, backend: str,
              connectome: Callable = cgalr_jax.connectome) -> Callable:
   """Jitted ``activations -> [2, K] summary`` with ``module``'s summary."""
 
-  def measure_(a):
+  def summary_of(a):
     m = connectome(a)
     if backend == "device":
       return module.top_summary_device(m, RESOLUTION)
     return module.top_summary_via_host(m, RESOLUTION)[0]
 
-  return jax.jit(measure_)
+  return jax.jit(summary_of)
 
 
 # ----------------------------------------------------------------------------

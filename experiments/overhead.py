@@ -665,7 +665,8 @@ def _branch_scale(kind: str, count: int) -> optax.GradientTransformation:
       update)
 
 
-_REDUCTION_OPS = re.compile(r" (?:reduce|reduce-window|scatter|sort)\(")
+# Reduction-like operations in a compiled program's text (XLA HLO).
+REDUCTION_OPS = re.compile(r" (?:reduce|reduce-window|scatter|sort)\(")
 
 
 def bench_untaken(reps: int, quick: bool, log) -> dict:
@@ -696,7 +697,7 @@ def bench_untaken(reps: int, quick: bool, log) -> dict:
   def reductions(optimizer):
     text = jax.jit(make_step(model, optimizer, x, y)).lower(
         params, optimizer.init(params)).compile().as_text()
-    return len(_REDUCTION_OPS.findall(text))
+    return len(REDUCTION_OPS.findall(text))
 
   probe = flax_probe(model, jnp.asarray(x_np[:probe_size]))
   extra = (reductions(cgalr_jax.cgalr(0.01, 0.9, probe=probe))

@@ -551,15 +551,3 @@ def test_host_summary_rejects_non_finite_weights(bad, sparse_host_tree):
     topology.top_summary_host(m, 16)
   _, ok = jax.jit(topology.top_summary_via_host, static_argnums=1)(m, 16)
   assert not bool(ok)
-
-
-@pytest.mark.parametrize("shape,axis", [((1,), 0), ((16384,), 0),
-                                        ((1000,), 0), ((7, 64), 1)])
-def test_cumsum_from_slices_is_exact(shape, axis):
-  """The radix selection's prefix sums (an associative scan) against
-  NumPy's cumulative sum, on integers of both signs."""
-  x = np.random.default_rng(7).integers(-1000, 100_000, size=shape,
-                                        dtype=np.int32)
-  np.testing.assert_array_equal(
-      np.asarray(jax.jit(topology._cumsum, static_argnums=1)(x, axis)),  # pylint: disable=protected-access
-      np.cumsum(x, axis=axis, dtype=np.int32))

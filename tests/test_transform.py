@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import inspect
 import math
-import re
 import warnings
 
 import jax
@@ -31,6 +30,7 @@ from cgalr_jax import (BOOST, BRAKE, HOLD, ScaleByConnectomeState, cgalr,
                        diagnostics, scale_by_connectome, wd_distance)
 from cgalr_jax import topology
 from cgalr_jax.measure import node_subset
+from experiments.overhead import REDUCTION_OPS
 
 N, P, K = 16, 5, 12
 CONFIG = dict(window=4, min_history=2, enter_z=0.8, exit_z=0.2, boost=1.3,
@@ -623,9 +623,6 @@ def test_detrended_trajectory_matches_reference_simulation():
                            ref)
 
 
-_REDUCTIONS = re.compile(r" (?:reduce|reduce-window|scatter|sort)\(")
-
-
 @pytest.mark.parametrize("signals", [48, 192])  # sort and radix selections
 def test_measuring_branch_holds_few_reductions(signals):
   """On XLA:CPU every reduction-like operation in a program (reduce,
@@ -633,7 +630,7 @@ def test_measuring_branch_holds_few_reductions(signals):
   a ``lax.cond`` branch that does not run (README, Performance). A training
   step that does not measure should stay close to a plain one, so the
   measuring branch keeps such operations few: the count in the compiled
-  step, over that of the same step with ``optax.sgd``, stays small: 13 at
+  step, over that of the same step with ``optax.sgd``, stays small: 17 at
   P = 192 with this XLA, 70 before the gate's medians, the statistics'
   checks and the selection's prefix sums became products, masks and
   slices (the bound leaves room for other XLA versions)."""
@@ -656,9 +653,9 @@ def test_measuring_branch_holds_few_reductions(signals):
       updates, s = opt.update(grads, s, p)
       return optax.apply_updates(p, updates), s
     text = jax.jit(step).lower(params, opt.init(params)).compile().as_text()
-    return len(_REDUCTIONS.findall(text)), text
+    return len(REDUCTION_OPS.findall(text)), text
 
   plain, _ = count(optax.sgd(0.1, 0.9))
   ours, text = count(cgalr(0.1, 0.9, probe=probe, every=100))
   assert "conditional(" in text and "while(" in text  # Prim's loop is there
-  assert ours - plain <= 20, (ours, plain)
+  assert ours - plain <= 24, (ours, plain)
