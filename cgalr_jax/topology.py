@@ -489,10 +489,9 @@ def _tree_keys_device(keys: jax.Array) -> jax.Array:
     them.
   """
   p = keys.shape[0]
-  in_tree = jnp.arange(p) == 0
-  best = jnp.where(in_tree, _INT32_MIN, keys[0])
-
   nodes = jnp.arange(p)
+  in_tree = nodes == 0
+  best = jnp.where(in_tree, _INT32_MIN, keys[0])
 
   def step(i, carry):
     in_tree, best, births = carry

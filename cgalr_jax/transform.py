@@ -46,12 +46,13 @@ KNOWN_EXTRA_ARGS = frozenset({"value", "loss", "grad", "key", "rng"})
 # cheap as a plain optimizer step).
 _COUNT, _GATE, _HISTORY_COUNT, _REFERENCE_NODES, _MEASURED, _SKIPPED = range(6)
 _SCALE, _Z, _DISTANCE, _NOISE, _EVEN_DISTANCE, _ODD_DISTANCE = range(6)
-_NUM_COUNTERS = 6
+_NUM_COUNTERS = _SKIPPED + 1
 
 
-def _unit(slot: int) -> jax.Array:
-  """int32 ``[_NUM_COUNTERS]`` with a 1 at ``slot``."""
-  return jnp.asarray(np.arange(_NUM_COUNTERS) == slot, jnp.int32)
+def _slot(slot: int) -> np.ndarray:
+  """Boolean ``[_NUM_COUNTERS]`` mask of one counter (a mask, not a
+  scatter: see cgalr_jax._sums)."""
+  return np.arange(_NUM_COUNTERS) == slot
 
 
 class ScaleByConnectomeState(NamedTuple):
@@ -453,7 +454,8 @@ def scale_by_connectome(
     return a
 
   def skip(state):
-    return state._replace(counters=state.counters + _unit(_SKIPPED))
+    return state._replace(
+        counters=state.counters + _slot(_SKIPPED).astype(np.int32))
 
   def accept(state, summaries, dist, noise_values, num_nodes):
     """Fold an accepted measurement into the state (DESIGN.md 2)."""
@@ -573,9 +575,8 @@ def scale_by_connectome(
           lambda s: s, state)
     else:
       state = jax.lax.cond(due, skip, lambda s: s, state)
-    # Masks, not scatters: a scatter costs every run of the step a little.
     state = state._replace(counters=jnp.where(
-        _unit(_COUNT) == 1, optax.safe_increment(count), state.counters))
+        _slot(_COUNT), optax.safe_increment(count), state.counters))
     updates = jax.tree.map(
         lambda u: None if u is None else u * applied.astype(u.dtype), updates)
     return updates, state

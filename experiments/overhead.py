@@ -83,6 +83,7 @@ import numpy as np
 import optax
 
 import cgalr_jax
+from cgalr_jax import _sums as sums_lib
 from cgalr_jax import gate as gate_lib
 from cgalr_jax import measure
 from cgalr_jax import topology
@@ -646,10 +647,10 @@ def _branch_scale(kind: str, count: int) -> optax.GradientTransformation:
     for i in range(count):
       if kind == "cumsum":
         w = jnp.cumsum(w * 1.01 + i)
-      elif kind == "scan":
-        w = jax.lax.associative_scan(jnp.add, w * 1.01 + i)
+      elif kind == "scan":  # the library's replacement for jnp.cumsum
+        w = sums_lib.cumsum(w * 1.01 + i)
       else:
-        w = jnp.tanh(mat @ w + i)
+        w = jnp.tanh(sums_lib.matvec(mat, w) + i)
     return w[0]
 
   def update(updates, state, params=None):
