@@ -29,9 +29,12 @@ before the split.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
+import os
 import sys
+import threading
 import types
 from typing import Any
 
@@ -232,6 +235,60 @@ _HEAVY_EDGES_PER_NODE = 8
 _SPARSE_TREE_MIN_EDGES = 1 << 18
 # Threshold sample size: the threshold only steers speed, never the result.
 _THRESHOLD_SAMPLE = 1 << 14
+# From this many edges (P >= 725) the host sorts the two halves of the edge
+# list on two threads (NumPy's sort releases the GIL) while the spanning
+# tree is computed, and reads the quantiles off the two sorted halves.
+_SPLIT_SORT_MIN_EDGES = 1 << 18
+_SORT_THREADS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_SORT_THREADS_LOCK = threading.Lock()
+
+
+def _sort_threads() -> concurrent.futures.ThreadPoolExecutor:
+  """Two worker threads for the host's sorts, started on first use in each
+  process (a forked child does not inherit its parent's threads)."""
+  with _SORT_THREADS_LOCK:
+    pid = os.getpid()
+    if pid not in _SORT_THREADS:
+      _SORT_THREADS.clear()
+      _SORT_THREADS[pid] = concurrent.futures.ThreadPoolExecutor(
+          max_workers=2, thread_name_prefix="cgalr_jax-sort")
+    return _SORT_THREADS[pid]
+
+
+def _rank_in_two(a: np.ndarray, b: np.ndarray, values: np.ndarray,
+                 side: str) -> np.ndarray:
+  """``searchsorted`` of ``values`` in the merge of sorted ``a`` and ``b``."""
+  return (np.searchsorted(a, values, side=side)
+          + np.searchsorted(b, values, side=side))
+
+
+def _select_from_two(a: np.ndarray, b: np.ndarray,
+                     ranks: np.ndarray) -> np.ndarray:
+  """``merge(a, b)[ranks]`` for sorted ``a`` and ``b``, without merging.
+
+  For each rank r, bisects the number i of the r + 1 smallest values that
+  come from ``a``: the smallest i with ``a[i] >= b[r - i]`` (or i at its
+  upper bound); the value is then the larger of ``a[i - 1]`` and
+  ``b[r - i]``.
+  """
+  ranks = np.asarray(ranks, np.int64)
+  na, nb = a.shape[0], b.shape[0]
+  lo = np.maximum(ranks + 1 - nb, 0)
+  hi = np.minimum(ranks + 1, na)
+  while True:
+    open_ = lo < hi
+    if not open_.any():
+      break
+    mid = (lo + hi) // 2  # < hi <= min(r + 1, na); r - mid in [0, nb)
+    more = open_ & (a[np.minimum(mid, na - 1)]
+                    < b[np.clip(ranks - mid, 0, nb - 1)])
+    lo = np.where(more, mid + 1, lo)
+    hi = np.where(open_ & ~more, mid, hi)
+  from_b = ranks + 1 - lo  # how many come from b
+  top_a = a[np.maximum(lo - 1, 0)] if na else np.zeros_like(ranks, a.dtype)
+  top_b = b[np.maximum(from_b - 1, 0)] if nb else np.zeros_like(ranks, b.dtype)
+  return np.where(lo == 0, top_b,
+                  np.where(from_b == 0, top_a, np.maximum(top_a, top_b)))
 
 
 @functools.lru_cache(maxsize=8)
@@ -425,6 +482,8 @@ def top_summary_host(m, resolution: int) -> np.ndarray:
   out = np.zeros((2, resolution), np.float32)
   if n_b == 0:
     return out
+  if edges.shape[0] >= _SPLIT_SORT_MIN_EDGES:
+    return _top_summary_split(edges, p, resolution, out)
   if not (np.isfinite(edges.min()) and np.isfinite(edges.max())):
     raise ValueError("connectome has non-finite edge weights.")
   births = np.sort(_tree_weights_host(edges, p))
@@ -438,6 +497,37 @@ def top_summary_host(m, resolution: int) -> np.ndarray:
     ranks = _death_ranks_to_edge_ranks(
         removed, quantile_ranks(n_d, resolution), np)
     out[1] = edges[ranks]
+  return out
+
+
+def _top_summary_split(edges: np.ndarray, p: int, resolution: int,
+                       out: np.ndarray) -> np.ndarray:
+  """:func:`top_summary_host` for large graphs: the two halves of the edge
+  list sorted on two threads while this one computes the spanning tree;
+  the quantiles are read off the sorted halves (:func:`_select_from_two`).
+  The checks for non-finite weights read the sorted halves' ends (a sort
+  puts NaN last)."""
+  n_b, n_d = set_sizes(p)
+  half = edges.shape[0] // 2
+  pool = _sort_threads()
+  halves = [pool.submit(np.sort, edges[:half]),
+            pool.submit(np.sort, edges[half:])]
+  try:
+    tree = _tree_weights_host(edges, p)
+  except ValueError:
+    tree = None  # only non-finite weights stop the tree: checked below
+  a, b = (h.result() for h in halves)
+  if not all(np.isfinite(x[[0, -1]]).all() for x in (a, b) if x.shape[0]):
+    raise ValueError("connectome has non-finite edge weights.")
+  births = np.sort(tree)
+  out[0] = births[quantile_ranks(n_b, resolution)]
+  if n_d:
+    first_in_edges = _rank_in_two(a, b, births, "left")
+    first_in_births = np.searchsorted(births, births, side="left")
+    removed = first_in_edges + (np.arange(n_b) - first_in_births)
+    ranks = _death_ranks_to_edge_ranks(
+        removed, quantile_ranks(n_d, resolution), np)
+    out[1] = _select_from_two(a, b, ranks)
   return out
 
 
@@ -715,12 +805,14 @@ def host_callback(fn, result_shape, *args):
 def top_summary_via_host(m: jax.Array, resolution: int):
   """Host TOP summary from inside ``jit``.
 
-  Only the upper triangle crosses to the host (half of ``M``), gathered on
-  the device, where the compiler can also fuse it with the connectome's last
-  elementwise step.
+  Only the upper triangle crosses to the host (half of ``M``): pass it
+  condensed (``M[i, j]``, ``i < j``, row-major, as
+  :func:`cgalr_jax.connectome.condensed_from_stats` computes it without
+  forming ``M``), or pass ``M`` and it is gathered on the device.
 
   Args:
-    m: ``[P, P]`` connectome (traced).
+    m: ``[P, P]`` connectome or its ``[P (P - 1) / 2]`` upper triangle
+      (traced).
     resolution: K.
 
   Returns:
@@ -728,15 +820,21 @@ def top_summary_via_host(m: jax.Array, resolution: int):
     and whether the host step succeeded (zeros when not).
   """
   m = jnp.asarray(m, jnp.float32)
-  if m.ndim != 2 or m.shape[0] != m.shape[1]:
+  if m.ndim == 1:
+    _nodes_of_condensed(m.shape[0])  # a complete graph's, or ValueError
+    edges = m
+  elif m.ndim == 2 and m.shape[0] == m.shape[1]:
+    edges = condensed(m)
+  else:
     raise ValueError(
-        f"connectome must be a square [P, P] matrix, got {m.shape}.")
+        "connectome must be a square [P, P] matrix or its condensed upper "
+        f"triangle, got {m.shape}.")
   shape = (jax.ShapeDtypeStruct((2, resolution), jnp.float32),
            jax.ShapeDtypeStruct((), jnp.bool_))
   # ``top_summary_host`` is looked up at call time, so tests can count or
   # fail host calls by patching it.
   summary, ok = host_callback(
-      lambda x: (top_summary_host(x, resolution),), shape, condensed(m))
+      lambda x: (top_summary_host(x, resolution),), shape, edges)
   return summary, ok
 
 

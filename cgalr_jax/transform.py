@@ -24,7 +24,8 @@ from cgalr_jax import _sums
 from cgalr_jax import gate as gate_lib
 from cgalr_jax import measure
 from cgalr_jax import topology
-from cgalr_jax.connectome import SignalStats, correlation_from_stats
+from cgalr_jax.connectome import (SignalStats, condensed_from_stats,
+                                  correlation_from_stats)
 from cgalr_jax.gate import GateConfig
 
 # WD runs Vietoris-Rips persistence on the host: always under a node budget.
@@ -515,8 +516,7 @@ def scale_by_connectome(
                                         num_nodes) == "host")
 
   def measure_on_host(state, parts, ok, num_nodes):
-    mats = jnp.stack([topology.condensed(correlation_from_stats(s))
-                      for s in parts])
+    mats = jnp.stack([condensed_from_stats(s) for s in parts])
     floats = [jnp.asarray(getattr(gate_config, k), jnp.float32)
               for k in _GATE_FLOATS]
     bits = lambda x: jax.lax.bitcast_convert_type(  # noqa: E731

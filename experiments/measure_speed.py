@@ -12,9 +12,11 @@ burst of load from another process hits all of them alike), the median of:
 * ``reference``: the NumPy/SciPy pipeline of the authors' earlier public
   code: ``numpy.corrcoef``, ``scipy.sparse.csgraph.minimum_spanning_tree``
   on ``-M``, full sorts of both sets, then the K quantiles;
-* ``host`` and ``device``: the library, one jitted call each
-  (``cgalr_jax.connectome`` then ``topology.top_summary_via_host`` or
-  ``topology.top_summary_device``), blocked until ready;
+* ``host`` and ``device``: the library, one jitted call each, blocked
+  until ready: what ``scale_by_connectome``'s backends run
+  (``connectome.condensed_from_stats`` then
+  ``topology.top_summary_via_host``; ``cgalr_jax.connectome`` then
+  ``topology.top_summary_device``);
 * ``connectome``: the jitted connectome alone, the floor both backends share;
 * ``host_summary`` and ``device_summary``: the summary alone, from a ready
   connectome (``topology.top_summary_host`` on a NumPy matrix, the jitted
@@ -28,7 +30,7 @@ burst of load from another process hits all of them alike), the median of:
 
 Before timing, every library summary (and the previous one's) is checked bit
 for bit against the exact quantiles of the reference's sets computed on the
-library's own float32 connectome. It prints a table of medians and ratios,
+library's own float32 connectome (the previous revision's on its own). It prints a table of medians and ratios,
 which backend is faster at each P on this machine (what ``backend="auto"``
 should pick), and writes ``DIR/measure_speed.json``.
 """
@@ -52,6 +54,7 @@ import numpy as np
 
 import cgalr_jax
 from cgalr_jax import measure, topology
+from cgalr_jax.connectome import condensed_from_stats
 from experiments.overhead import time_interleaved
 
 SIZES = (256, 512, 1024, 2048)
@@ -152,15 +155,23 @@ def load_previous(revision: str) -> tuple[Any, Callable]:
                        "previous_topology"), connectome)
 
 
+def condensed_connectome(a: jax.Array) -> jax.Array:
+  """The connectome's upper triangle straight from the statistics: what the
+  library's host backend sends to the host (``scale_by_connectome``)."""
+  return condensed_from_stats(measure.merge_parts(measure.split_stats(a)))
+
+
 def pipeline(module: Any, backend: str,
-             connectome: Callable = cgalr_jax.connectome) -> Callable:
-  """Jitted ``activations -> [2, K] summary`` with ``module``'s summary."""
+             connectome: Callable = cgalr_jax.connectome,
+             host_input: Callable | None = None) -> Callable:
+  """Jitted ``activations -> [2, K] summary`` with ``module``'s summary;
+  the host backend reads ``host_input(a)`` (default: ``connectome(a)``)."""
 
   def summary_of(a):
-    m = connectome(a)
     if backend == "device":
-      return module.top_summary_device(m, RESOLUTION)
-    return module.top_summary_via_host(m, RESOLUTION)[0]
+      return module.top_summary_device(connectome(a), RESOLUTION)
+    return module.top_summary_via_host((host_input or connectome)(a),
+                                       RESOLUTION)[0]
 
   return jax.jit(summary_of)
 
@@ -185,9 +196,9 @@ def switch_points(faster: dict[str, str]) -> list[str]:
 def run(out: Path, sizes: Sequence[int], reps: int,
         previous: str | None = None, command: str = "", log=print) -> dict:
   """Check, time and tabulate every variant at every P; write the JSON."""
-  modules = {"": (topology, cgalr_jax.connectome)}
+  modules = {"": (topology, cgalr_jax.connectome, condensed_connectome)}
   if previous is not None:
-    modules["prev_"] = load_previous(previous)
+    modules["prev_"] = load_previous(previous) + (None,)
   result: dict[str, Any] = {
       "command": command,
       "machine": {"platform": platform.platform(),
@@ -207,11 +218,15 @@ def run(out: Path, sizes: Sequence[int], reps: int,
     calls = {"reference": lambda: reference_measure(a),
              "connectome": lambda: jax.block_until_ready(connectome(a_dev))}
     identical = {}
-    for prefix, (module, connectome_fn) in modules.items():
+    for prefix, (module, connectome_fn, host_input) in modules.items():
+      # Each revision against the exact quantiles of its own connectome.
+      own = (exact if connectome_fn is cgalr_jax.connectome else
+             reference_summary(np.asarray(jax.jit(connectome_fn)(a_dev)),
+                               RESOLUTION))
       for backend in ("host", "device"):
-        fn = pipeline(module, backend, connectome_fn)
+        fn = pipeline(module, backend, connectome_fn, host_input)
         identical[prefix + backend] = bool(
-            np.array_equal(np.asarray(fn(a_dev)), exact))
+            np.array_equal(np.asarray(fn(a_dev)), own))
         calls[prefix + backend] = (
             lambda fn=fn: jax.block_until_ready(fn(a_dev)))
       device_summary = jax.jit(module.top_summary_device, static_argnums=1)

@@ -118,15 +118,24 @@ def _block(x: Any) -> Any:
 
 def time_interleaved(calls: dict[str, Callable[[], Any]], reps: int,
                      warmup: int = 2) -> dict[str, float]:
-  """Median milliseconds per call of each function, timed round-robin."""
+  """Median milliseconds per call of each function, timed round-robin.
+
+  Each round starts one function later than the one before, so every
+  function follows every other equally often: a call that slows whatever
+  runs next (the NumPy reference leaves the allocator and caches cold: the
+  next call takes up to 2 ms more at P = 1024) weighs on no variant's
+  median.
+  """
   for _ in range(warmup):
     for fn in calls.values():
       fn()
+  names = list(calls)
   times: dict[str, list[float]] = {name: [] for name in calls}
-  for _ in range(reps):
-    for name, fn in calls.items():
+  for rep in range(reps):
+    shift = rep % len(names)
+    for name in names[shift:] + names[:shift]:
       start = time.perf_counter()
-      fn()
+      calls[name]()
       times[name].append(time.perf_counter() - start)
   return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
 

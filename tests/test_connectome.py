@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import pytest
 
 from cgalr_jax import connectome
 from cgalr_jax.connectome import _transposed as _transposed_copy
-from cgalr_jax.connectome import correlation_from_stats
+from cgalr_jax.connectome import condensed_from_stats, correlation_from_stats
 from cgalr_jax.measure import merge_parts, num_signals, signals, split_stats
 
 
@@ -221,3 +222,76 @@ def test_transposed_copy_is_the_transpose_bit_for_bit():
   np.testing.assert_array_equal(
       np.asarray(jax.grad(lambda x: jnp.sum(transposed(x) * weights))(m)),
       np.asarray(weights.T))
+
+
+def _upper_weights_numpy(stats):
+  """|rho| of Gram entry (i, j), i < j, in float64 NumPy (independent of
+  the library's float32 arithmetic)."""
+  n = float(stats.n)
+  mu = np.asarray(stats.total, np.float64) / n
+  cov = np.asarray(stats.gram, np.float64) / n - np.outer(mu, mu)
+  sd = np.sqrt(np.diagonal(cov))
+  return np.clip(np.abs(cov / np.outer(sd, sd)), 0, 1)
+
+
+def test_each_weight_comes_from_one_gram_entry(maybe_jit):
+  """M[i, j] = M[j, i] is the weight of Gram entry (i, j), i < j: a Gram
+  matrix made asymmetric on purpose gives the upper triangle's weights in
+  both triangles, and condensed_from_stats is that triangle bit for bit
+  (the host backend reads it without forming M)."""
+  a = correlated_groups(np.random.default_rng(3))
+  stats = signal_stats(a)
+  rng = np.random.default_rng(4)
+  skew = np.triu(rng.normal(scale=0.2, size=(P, P)), k=1).astype(np.float32)
+  stats = stats._replace(gram=stats.gram + jnp.asarray(skew))
+  m = np.asarray(maybe_jit(correlation_from_stats)(stats))
+  upper = np.triu_indices(P, k=1)
+  np.testing.assert_array_equal(m, m.T)
+  np.testing.assert_array_equal(np.diagonal(m), 0.0)
+  np.testing.assert_allclose(m[upper], _upper_weights_numpy(stats)[upper],
+                             atol=2e-6)
+  cond = np.asarray(maybe_jit(condensed_from_stats)(stats))
+  np.testing.assert_array_equal(cond.view(np.int32),
+                                m[upper].view(np.int32))
+  host = jax.tree.map(np.asarray, stats)
+  m_np = correlation_from_stats(host, np)
+  np.testing.assert_array_equal(m_np, m_np.T)
+  np.testing.assert_array_equal(condensed_from_stats(host, np),
+                                m_np[upper])
+  np.testing.assert_allclose(m_np, m, atol=1e-6)
+
+
+def test_dead_and_non_finite_statistics_in_the_condensed_form():
+  a = correlated_groups(np.random.default_rng(5))
+  a[:, 2] = 7.0  # a dead unit
+  stats = signal_stats(a)
+  gram = np.array(stats.gram)
+  gram[0, 5] = np.nan  # one non-finite entry: its weight is 0
+  stats = stats._replace(gram=jnp.asarray(gram))
+  m = np.asarray(jax.jit(correlation_from_stats)(stats))
+  cond = np.asarray(jax.jit(condensed_from_stats)(stats))
+  assert np.all(np.isfinite(m)) and m[0, 5] == m[5, 0] == 0.0
+  np.testing.assert_array_equal(m[2], 0.0)
+  np.testing.assert_array_equal(cond, m[np.triu_indices(P, k=1)])
+
+
+def test_statistics_kept_apart_from_the_correlation_are_the_same_values():
+  """The optimisation barrier between the statistics and the correlation
+  (CPU) changes no bit and passes derivatives (vs. a program without it)."""
+  a = jnp.asarray(correlated_groups(np.random.default_rng(6)))
+  f = lambda x: correlation_from_stats(signal_stats(x))  # noqa: E731
+  plain = jax.jit(lambda x: connectome_module_without_barrier(x))
+  np.testing.assert_array_equal(np.asarray(jax.jit(f)(a)).view(np.int32),
+                                np.asarray(plain(a)).view(np.int32))
+  g = jax.grad(lambda x: jnp.sum(f(x) ** 2))(a)
+  g_plain = jax.grad(lambda x: jnp.sum(
+      connectome_module_without_barrier(x) ** 2))(a)
+  np.testing.assert_allclose(np.asarray(g), np.asarray(g_plain), rtol=1e-5,
+                             atol=1e-6)
+
+
+def connectome_module_without_barrier(x):
+  module = importlib.import_module("cgalr_jax.connectome")
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(module, "_separately", lambda stats: stats)
+    return module.correlation_from_stats(signal_stats(x))

@@ -551,3 +551,82 @@ def test_host_summary_rejects_non_finite_weights(bad, sparse_host_tree):
     topology.top_summary_host(m, 16)
   _, ok = jax.jit(topology.top_summary_via_host, static_argnums=1)(m, 16)
   assert not bool(ok)
+
+
+@pytest.fixture
+def split_sort(monkeypatch):
+  """The host's two-thread sort at every size (from 2^18 edges by default)."""
+  monkeypatch.setattr(topology, "_SPLIT_SORT_MIN_EDGES", 0)
+
+
+@pytest.mark.parametrize("p", SIZES)
+def test_host_summary_with_split_sort_is_exact(p, split_sort):
+  del split_sort
+  for kind in KINDS:
+    m = awkward_matrix(kind, p, seed=p)
+    upper = m[np.triu_indices(p, k=1)]
+    for k in (33, 512):
+      expected = exact_summary(m, k)
+      np.testing.assert_array_equal(topology.top_summary_host(m, k),
+                                    expected, err_msg=kind)
+      np.testing.assert_array_equal(topology.top_summary_host(upper, k),
+                                    expected, err_msg=kind)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_split_sort_rejects_non_finite_weights(bad, split_sort,
+                                               sparse_host_tree):
+  del split_sort, sparse_host_tree
+  m = awkward_matrix("uniform", 40, seed=3)
+  m[3, 7] = m[7, 3] = bad
+  with pytest.raises(ValueError, match="non-finite"):
+    topology.top_summary_host(m, 16)
+
+
+def test_select_from_two_sorted_halves_matches_merging():
+  rng = np.random.default_rng(21)
+  pool = np.float32([-3.5, -1.0, 0.0, 0.25, 0.25, 1.0, 2.0, 1e-30])
+  for _ in range(400):
+    na, nb = rng.integers(0, 25, 2)
+    if na + nb == 0:
+      continue
+    a = np.sort(rng.choice(pool, na))
+    b = np.sort(rng.choice(pool, nb))
+    merged = np.sort(np.concatenate([a, b]))
+    ranks = np.arange(na + nb)
+    np.testing.assert_array_equal(topology._select_from_two(a, b, ranks),
+                                  merged[ranks])
+    values = rng.choice(pool, 5)
+    for side in ("left", "right"):
+      np.testing.assert_array_equal(
+          topology._rank_in_two(a, b, values, side),
+          np.searchsorted(merged, values, side=side))
+
+
+@pytest.mark.filterwarnings("ignore:os.fork")  # the child runs no JAX
+def test_split_sort_threads_work_in_a_forked_child(split_sort):
+  """A child process gets its own sort threads (a fork copies no threads)."""
+  del split_sort
+  import multiprocessing  # pylint: disable=import-outside-toplevel
+  m = awkward_matrix("activations", 30, seed=1)
+  expected = topology.top_summary_host(m, 16)  # starts the parent's threads
+  ctx = multiprocessing.get_context("fork")
+  with ctx.Pool(1) as pool:
+    got = pool.apply_async(topology.top_summary_host, (m, 16)).get(timeout=60)
+  np.testing.assert_array_equal(got, expected)
+
+
+def test_via_host_takes_the_condensed_triangle():
+  m = awkward_matrix("activations", 12, seed=2)
+  upper = m[np.triu_indices(12, k=1)]
+  via = jax.jit(topology.top_summary_via_host, static_argnums=1)
+  from_matrix, ok_m = via(m, 16)
+  from_upper, ok_u = via(upper, 16)
+  assert bool(ok_m) and bool(ok_u)
+  np.testing.assert_array_equal(np.asarray(from_upper), exact_summary(m, 16))
+  np.testing.assert_array_equal(np.asarray(from_matrix),
+                                np.asarray(from_upper))
+  with pytest.raises(ValueError, match="complete graph"):
+    topology.top_summary_via_host(upper[:-1], 16)
+  with pytest.raises(ValueError, match="square"):
+    topology.top_summary_via_host(m[:, :5], 16)
