@@ -308,28 +308,38 @@ def usable(stats: SignalStats, xp: Any = jnp) -> jax.Array:
 # ----------------------------------------------------------------------------
 # Backend policy and summaries.
 
+# On a CPU, TOP runs on the host from this many signals: where
+# `python -m experiments.measure_speed` finds the host pipeline ahead (it
+# sorts the edges with NumPy on two threads; XLA's sort and scatters are
+# slow on a CPU): the device 7% ahead at 1,024 signals, the host 8%
+# ahead at 1,280 and 1.5x at 2,048 (README, Performance).
+HOST_MIN_NODES_ON_CPU = 1152
+
+
 def resolve_backend(backend: str, distance: str,
                     num_nodes: int | None = None) -> str:
   """The backend ``"auto"`` stands for.
 
-  WD always runs on the host. TOP runs on the device backend on every
-  platform: on GPU/TPU it avoids a host round trip; on a CPU the benchmark
-  (``python -m experiments.overhead``; README, Performance) finds the two
-  backends tied per measurement from a few hundred signals on, the device
-  backend ahead below, and steps that do not measure cheaper without a
-  host call in the program.
+  WD always runs on the host. TOP runs on the device backend on GPU/TPU,
+  which avoids a host round trip. On a CPU it runs on the device backend
+  below :data:`HOST_MIN_NODES_ON_CPU` signals (ahead per measurement there,
+  and steps that do not measure are cheaper without a host call in the
+  program) and on the host from there on (ahead per measurement, which
+  then costs more than a host call on every step).
 
   Args:
     backend: ``"auto"``, ``"device"`` or ``"host"``.
     distance: ``"top"`` or ``"wd"``.
-    num_nodes: the connectome's P when known at trace time (the rule does
-      not depend on it at present; callers pass it so that it may).
+    num_nodes: the connectome's P when known at trace time (None: the
+      device backend).
   """
-  del num_nodes
   if distance == "wd":
     return "host"
   if backend != "auto":
     return backend
+  if (num_nodes is not None and num_nodes >= HOST_MIN_NODES_ON_CPU
+      and jax.default_backend() == "cpu"):
+    return "host"
   return "device"
 
 

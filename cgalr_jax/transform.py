@@ -36,8 +36,9 @@ DEFAULT_WD_MAX_NODES = 64
 DEFAULT_EVERY = 100
 DEFAULT_RESOLUTION = 512
 # Above these node counts one measurement costs about a second on a CPU
-# (README, Performance): construction-time guidance, not a limit.
-COSTLY_TOP_NODES = 4096
+# (README, Performance; TOP: 0.41 s on the host and 0.58 s on the device at
+# 8,192 signals, 1.8 s on the host at 16,384): guidance, not a limit.
+COSTLY_TOP_NODES = 10240
 COSTLY_WD_NODES = 128
 # Extra ``update`` arguments other Optax transformations in a chain consume;
 # they reach this transform too and are ignored silently.
@@ -328,8 +329,9 @@ def scale_by_connectome(
     seed: seed of the node subset (0).
     backend: TOP backend, ``"device"`` (pure JAX), ``"host"`` (the
       connectome on the device, then summaries, distances and the gate in
-      NumPy in one ``jax.pure_callback``) or ``"auto"`` (the device backend
-      for TOP; see :func:`cgalr_jax.measure.resolve_backend`).
+      NumPy in one ``jax.pure_callback``) or ``"auto"`` (for TOP the device
+      backend, on a CPU the host one from 1,152 signals; see
+      :func:`cgalr_jax.measure.resolve_backend`).
     select: which part of the activations this transform reads: a key, a
       sequence of keys, or a callable. Lets several instances inside
       ``optax.multi_transform`` each follow their own layer.

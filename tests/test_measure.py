@@ -132,5 +132,14 @@ def test_backend_policy():
   assert measure.resolve_backend("auto", "wd") == "host"
   assert measure.resolve_backend("device", "top", 4096) == "device"
   assert measure.resolve_backend("host", "top", 8) == "host"
-  for nodes in (None, 64, 100_000):
+  # On a CPU the host backend from HOST_MIN_NODES_ON_CPU signals on.
+  threshold = measure.HOST_MIN_NODES_ON_CPU
+  assert 1024 < threshold <= 1280  # the measured crossover (README)
+  for nodes in (None, 64, 1024, threshold - 1):
     assert measure.resolve_backend("auto", "top", nodes) == "device"
+  for nodes in (threshold, 100_000):
+    assert measure.resolve_backend("auto", "top", nodes) == "host"
+  # Elsewhere the device backend at every size.
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(jax, "default_backend", lambda: "gpu")
+    assert measure.resolve_backend("auto", "top", 100_000) == "device"

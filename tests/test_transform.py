@@ -28,7 +28,7 @@ from scipy.sparse.csgraph import minimum_spanning_tree
 import cgalr_jax
 from cgalr_jax import (BOOST, BRAKE, HOLD, ScaleByConnectomeState, cgalr,
                        diagnostics, scale_by_connectome, wd_distance)
-from cgalr_jax import topology
+from cgalr_jax import topology, transform
 from cgalr_jax.measure import node_subset
 from experiments.overhead import REDUCTION_OPS
 
@@ -659,3 +659,24 @@ def test_measuring_branch_holds_few_reductions(signals):
   ours, text = count(cgalr(0.1, 0.9, probe=probe, every=100))
   assert "conditional(" in text and "while(" in text  # Prim's loop is there
   assert ours - plain <= 24, (ours, plain)
+
+
+@pytest.mark.parametrize("distance", ["top", "wd"])
+def test_costly_node_counts_warn_once_naming_the_remedy(distance,
+                                                        monkeypatch):
+  # The thresholds are lowered so that small tensors cross them.
+  monkeypatch.setattr(transform, "COSTLY_TOP_NODES", 6)
+  monkeypatch.setattr(transform, "COSTLY_WD_NODES", 6)
+  rng = np.random.default_rng(0)
+  opt = transform.scale_by_connectome(distance, max_nodes=8, every=2)
+  state = opt.init({})
+  quiet = transform.scale_by_connectome(distance, max_nodes=6, every=2)
+  a = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # 6 signals: no warning
+    quiet.update(GRADS, quiet.init({}), None, activations=a)
+  with pytest.warns(UserWarning, match=r"8 signals .* set max_nodes \(<= 6\)"):
+    _, state = opt.update(GRADS, state, None, activations=a)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # once per optimizer
+    opt.update(GRADS, state, None, activations=a * 2)
