@@ -512,13 +512,16 @@ def _top_summary_split(edges: np.ndarray, p: int, resolution: int,
   pool = _sort_threads()
   halves = [pool.submit(np.sort, edges[:half]),
             pool.submit(np.sort, edges[half:])]
+  tree, tree_error = None, None
   try:
     tree = _tree_weights_host(edges, p)
-  except ValueError:
-    tree = None  # only non-finite weights stop the tree: checked below
+  except ValueError as err:  # non-finite weights can stall the tree
+    tree_error = err
   a, b = (h.result() for h in halves)
   if not all(np.isfinite(x[[0, -1]]).all() for x in (a, b) if x.shape[0]):
     raise ValueError("connectome has non-finite edge weights.")
+  if tree_error is not None:
+    raise tree_error
   births = np.sort(tree)
   out[0] = births[quantile_ranks(n_b, resolution)]
   if n_d:
