@@ -80,9 +80,30 @@ def condensed_from_stats(stats: SignalStats, xp: Any = jnp) -> jax.Array:
   summary reads. Under ``jit`` the compiler computes the weights straight
   from the Gram entries it gathers (one pass, no transposed reads)."""
   m = _weights(stats, xp)
-  p = m.shape[0]
-  flat = np.flatnonzero(np.triu(np.ones((p, p), bool), k=1))
-  return m.reshape(-1)[flat.astype(np.int32) if xp is jnp else flat]
+  return m.reshape(-1)[upper_indices(m.shape[0])]
+
+
+# Flat indices into a P x P matrix are int32 under JAX (without x64).
+MAX_NODES_INDEXED = 46340  # the largest P with P * P < 2^31
+
+
+def upper_indices(num_nodes: int) -> np.ndarray:
+  """int32 flat indices of ``M[i, j]``, ``i < j``, row-major (static).
+
+  Raises:
+    ValueError: above :data:`MAX_NODES_INDEXED` nodes, where they would
+      overflow int32 (use a node budget, ``max_nodes``).
+  """
+  p = int(num_nodes)
+  if p > MAX_NODES_INDEXED:
+    raise ValueError(
+        f"a {p}-node connectome is too large to index with int32 (at most "
+        f"{MAX_NODES_INDEXED} nodes); set max_nodes.")
+  if p < 2:
+    return np.zeros((0,), np.int32)
+  # Row by row, in int32 from the start (P (P - 1) / 2 entries).
+  return np.concatenate([np.arange(i * p + i + 1, (i + 1) * p, dtype=np.int32)
+                         for i in range(p)])
 
 
 def _weights(stats: SignalStats, xp: Any) -> jax.Array:
@@ -101,18 +122,20 @@ def _weights(stats: SignalStats, xp: Any) -> jax.Array:
 
 
 def _separately(stats: SignalStats) -> SignalStats:
-  """The statistics, computed apart from what reads them (on a CPU).
+  """The statistics, computed apart from what reads them.
 
-  When the Gram product and the correlation's elementwise steps are one
-  program, XLA:CPU fuses and lays them out together in a way that costs
-  more than the two apart: about 18 against 13 ms at P = 2048 and 2.65
-  against 2.3 ms at P = 1024 for the whole connectome of 256 samples (a
-  profile; the values are the same bit for bit). An optimisation barrier
-  keeps them apart. Other platforms pass the statistics through.
+  An optimisation barrier keeps the compiler from fusing the Gram product
+  with the correlation's elementwise steps. Two reasons:
+
+  * the weights are then the same bits in every program that computes
+    them (fused with what surrounds them they can move by one ulp), so the
+    host backend's upper triangle and the device backend's matrix,
+    computed in different programs, agree bit for bit;
+  * XLA:CPU fused and laid the two out together at a cost: about 18
+    against 13 ms at P = 2048 and 2.65 against 2.3 ms at P = 1024 for the
+    whole connectome of 256 samples (a profile).
   """
-  return SignalStats(*jax.lax.platform_dependent(
-      *stats, cpu=lambda *x: jax.lax.optimization_barrier(x),
-      default=lambda *x: x))
+  return SignalStats(*jax.lax.optimization_barrier(tuple(stats)))
 
 
 @jax.custom_jvp
@@ -125,7 +148,7 @@ def _transposed(m: jax.Array) -> jax.Array:
   copy) and selecting from two row-major arrays. The copy is carried through a
   loop that runs zero times (once if ``m[0, 0]`` is NaN, and then it
   selects the same values): XLA keeps what a loop carries as a separate
-  buffer, so it can neither fuse the copy into the addition nor change
+  buffer, so it can neither fuse the copy into the selection nor change
   its layout. Other platforms transpose in tiles inside the fusion
   and take ``m.T``. Differentiable (the derivative of a transpose is a
   transpose).

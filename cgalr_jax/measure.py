@@ -325,7 +325,10 @@ def resolve_backend(backend: str, distance: str,
   below :data:`HOST_MIN_NODES_ON_CPU` signals (ahead per measurement there,
   and steps that do not measure are cheaper without a host call in the
   program) and on the host from there on (ahead per measurement, which
-  then costs more than a host call on every step).
+  then costs more than a host call on every step). A program with a host
+  call cannot be serialised with ``jax.export``: pass ``backend="device"``
+  for that. The rule reads ``jax.default_backend()`` of the process that
+  traces.
 
   Args:
     backend: ``"auto"``, ``"device"`` or ``"host"``.

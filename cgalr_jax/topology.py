@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cgalr_jax import _sums
+from cgalr_jax.connectome import upper_indices
 
 # ----------------------------------------------------------------------------
 # Set sizes and quantile ranks (static, shared by both backends).
@@ -243,6 +244,17 @@ _SORT_THREADS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
 _SORT_THREADS_LOCK = threading.Lock()
 
 
+def _forget_sort_threads() -> None:
+  """In a forked child: no threads came along, and the lock may be held."""
+  global _SORT_THREADS_LOCK  # pylint: disable=global-statement
+  _SORT_THREADS_LOCK = threading.Lock()
+  _SORT_THREADS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+  os.register_at_fork(after_in_child=_forget_sort_threads)
+
+
 def _sort_threads() -> concurrent.futures.ThreadPoolExecutor:
   """Two worker threads for the host's sorts, started on first use in each
   process (a forked child does not inherit its parent's threads)."""
@@ -253,6 +265,20 @@ def _sort_threads() -> concurrent.futures.ThreadPoolExecutor:
       _SORT_THREADS[pid] = concurrent.futures.ThreadPoolExecutor(
           max_workers=2, thread_name_prefix="cgalr_jax-sort")
     return _SORT_THREADS[pid]
+
+
+def _sorted_halves_later(edges: np.ndarray):
+  """Starts sorting the two halves of ``edges``; returns a function that
+  waits for them. Sorts on this thread when no worker can take them (the
+  interpreter is shutting down its thread pools)."""
+  half = edges.shape[0] // 2
+  parts = (edges[:half], edges[half:])
+  try:
+    pool = _sort_threads()
+    futures = [pool.submit(np.sort, part) for part in parts]
+  except RuntimeError:
+    return lambda: tuple(np.sort(part) for part in parts)
+  return lambda: tuple(f.result() for f in futures)
 
 
 def _rank_in_two(a: np.ndarray, b: np.ndarray, values: np.ndarray,
@@ -269,7 +295,9 @@ def _select_from_two(a: np.ndarray, b: np.ndarray,
   For each rank r, bisects the number i of the r + 1 smallest values that
   come from ``a``: the smallest i with ``a[i] >= b[r - i]`` (or i at its
   upper bound); the value is then the larger of ``a[i - 1]`` and
-  ``b[r - i]``.
+  ``b[r - i]``. Equal values are interchangeable, as in a sort: where
+  ``-0.0`` meets ``+0.0`` either may come back (a connectome holds no
+  ``-0.0``).
   """
   ranks = np.asarray(ranks, np.int64)
   na, nb = a.shape[0], b.shape[0]
@@ -508,16 +536,14 @@ def _top_summary_split(edges: np.ndarray, p: int, resolution: int,
   The checks for non-finite weights read the sorted halves' ends (a sort
   puts NaN last)."""
   n_b, n_d = set_sizes(p)
-  half = edges.shape[0] // 2
-  pool = _sort_threads()
-  halves = [pool.submit(np.sort, edges[:half]),
-            pool.submit(np.sort, edges[half:])]
+  halves = _sorted_halves_later(edges)
   tree, tree_error = None, None
   try:
+    # On non-finite input this is wasted work: the check needs the sorts.
     tree = _tree_weights_host(edges, p)
   except ValueError as err:  # non-finite weights can stall the tree
     tree_error = err
-  a, b = (h.result() for h in halves)
+  a, b = halves()
   if not all(np.isfinite(x[[0, -1]]).all() for x in (a, b) if x.shape[0]):
     raise ValueError("connectome has non-finite edge weights.")
   if tree_error is not None:
@@ -736,7 +762,7 @@ def _top_summary_device(m, resolution: int, radix: bool | None) -> jax.Array:
   birth_q = _keys_to_floats(births[quantile_ranks(n_b, resolution)])
   if n_d == 0:
     return jnp.stack([birth_q, jnp.zeros_like(birth_q)])
-  flat = np.flatnonzero(_upper_mask(p)).astype(np.int32)
+  flat = upper_indices(p)
   edges = keys.reshape(-1)[flat]
   death_ranks = quantile_ranks(n_d, resolution)
   if radix is None:
@@ -844,8 +870,7 @@ def top_summary_via_host(m: jax.Array, resolution: int):
 def condensed(m: jax.Array) -> jax.Array:
   """The upper triangle of a traced ``[P, P]`` matrix, row-major (``i < j``):
   what a host summary reads, half the bytes of ``M``."""
-  flat = np.flatnonzero(_upper_mask(m.shape[0])).astype(np.int32)
-  return m.reshape(-1)[flat]
+  return m.reshape(-1)[upper_indices(m.shape[0])]
 
 
 # ----------------------------------------------------------------------------

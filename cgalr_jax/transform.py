@@ -331,7 +331,9 @@ def scale_by_connectome(
       connectome on the device, then summaries, distances and the gate in
       NumPy in one ``jax.pure_callback``) or ``"auto"`` (for TOP the device
       backend, on a CPU the host one from 1,152 signals; see
-      :func:`cgalr_jax.measure.resolve_backend`).
+      :func:`cgalr_jax.measure.resolve_backend`). Programs that hold the
+      host backend cannot be serialised with ``jax.export``; use
+      ``"device"`` there.
     select: which part of the activations this transform reads: a key, a
       sequence of keys, or a callable. Lets several instances inside
       ``optax.multi_transform`` each follow their own layer.

@@ -120,20 +120,20 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], reps: int,
                      warmup: int = 2) -> dict[str, float]:
   """Median milliseconds per call of each function, timed round-robin.
 
-  Each round starts one function later than the one before, so every
-  function follows every other equally often: a call that slows whatever
-  runs next (the NumPy reference leaves the allocator and caches cold: the
-  next call takes up to 2 ms more at P = 1024) weighs on no variant's
-  median.
+  Each round runs the functions in a fresh order (a seeded permutation), so
+  no function always runs right after the same one: a call that slows
+  whatever runs next (the NumPy reference leaves the allocator and caches
+  cold: the next call takes up to 2 ms more at P = 1024) weighs on no
+  variant's median.
   """
   for _ in range(warmup):
     for fn in calls.values():
       fn()
   names = list(calls)
+  order = np.random.default_rng(0)
   times: dict[str, list[float]] = {name: [] for name in calls}
-  for rep in range(reps):
-    shift = rep % len(names)
-    for name in names[shift:] + names[:shift]:
+  for _ in range(reps):
+    for name in (names[i] for i in order.permutation(len(names))):
       start = time.perf_counter()
       calls[name]()
       times[name].append(time.perf_counter() - start)
@@ -392,8 +392,8 @@ def bench_step(reps: int, quick: bool, log) -> dict:
   probe_x = jnp.asarray(x_np[:probe_size])
   out = {"step": {}, "step_compile_ms": {}, "step_signals": {},
          "step_data": source}
-  auto = measure.resolve_backend("auto", "top")
   for name, (model, num_signals) in step_models(quick).items():
+    auto = measure.resolve_backend("auto", "top", num_signals)
     params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
     # The CNN step is ~20x the MLP's: skip its "never" variants for time.
     never = name == "mlp" and not quick
@@ -1018,7 +1018,7 @@ def run(out: Path, *, sizes: Sequence[int] = SIZES,
     result.update(section())
     result["section_seconds"][name] = time.perf_counter() - t
   result["load_average"]["end"] = os.getloadavg()[0]
-  # What scale_by_connectome gets (it does not pass P), and the rule by P.
+  # The rule without a node count (what it says for small P), and by P.
   result["auto_backend"] = measure.resolve_backend("auto", "top")
   result["auto_backend_by_nodes"] = {
       str(p): measure.resolve_backend("auto", "top", num_nodes=p)

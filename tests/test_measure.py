@@ -135,10 +135,12 @@ def test_backend_policy():
   # On a CPU the host backend from HOST_MIN_NODES_ON_CPU signals on.
   threshold = measure.HOST_MIN_NODES_ON_CPU
   assert 1024 < threshold <= 1280  # the measured crossover (README)
-  for nodes in (None, 64, 1024, threshold - 1):
-    assert measure.resolve_backend("auto", "top", nodes) == "device"
-  for nodes in (threshold, 100_000):
-    assert measure.resolve_backend("auto", "top", nodes) == "host"
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(jax, "default_backend", lambda: "cpu")
+    for nodes in (None, 64, 1024, threshold - 1):
+      assert measure.resolve_backend("auto", "top", nodes) == "device"
+    for nodes in (threshold, 100_000):
+      assert measure.resolve_backend("auto", "top", nodes) == "host"
   # Elsewhere the device backend at every size.
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(jax, "default_backend", lambda: "gpu")

@@ -61,8 +61,6 @@ def test_run_tiny():
     for n in summary:
       assert np.all(np.isfinite(rows[n]["distance"]))
       assert min(rows[n]["noise"]) > 0
-  assert summary["all"]["spearman_full"] == pytest.approx([1.0, 1.0])
-  assert summary["all"]["gate_agreement"] == [1.0, 1.0]
   assert all(0 <= a <= 1 for a in summary["B1"]["gate_agreement"])
   assert "| B2 | 32 |" in pool_subset.table(summary)
   json.dumps(result)  # JSON-ready

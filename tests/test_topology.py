@@ -630,3 +630,30 @@ def test_via_host_takes_the_condensed_triangle():
     topology.top_summary_via_host(upper[:-1], 16)
   with pytest.raises(ValueError, match="square"):
     topology.top_summary_via_host(m[:, :5], 16)
+
+
+def test_split_sort_without_worker_threads_sorts_here(split_sort,
+                                                      monkeypatch):
+  """When no worker takes the sorts (the interpreter is shutting down its
+  thread pools), the calling thread sorts and the summary is the same."""
+  del split_sort
+
+  class ShutDown:
+    def submit(self, *args):
+      raise RuntimeError("cannot schedule new futures after shutdown")
+
+  monkeypatch.setattr(topology, "_sort_threads", ShutDown)
+  m = awkward_matrix("activations", 40, seed=4)
+  np.testing.assert_array_equal(topology.top_summary_host(m, 33),
+                                exact_summary(m, 33))
+
+
+def test_upper_indices_are_the_upper_triangle_and_refuse_overflow():
+  from cgalr_jax.connectome import upper_indices  # pylint: disable=import-outside-toplevel
+  for p in (0, 1, 2, 3, 9):
+    expected = np.flatnonzero(np.triu(np.ones((p, p), bool), k=1))
+    got = upper_indices(p)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, expected)
+  with pytest.raises(ValueError, match="max_nodes"):
+    upper_indices(46341)  # 46341^2 > 2^31 - 1
