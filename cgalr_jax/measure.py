@@ -308,12 +308,15 @@ def usable(stats: SignalStats, xp: Any = jnp) -> jax.Array:
 # ----------------------------------------------------------------------------
 # Backend policy and summaries.
 
-# On a CPU, TOP runs on the host from this many signals: where
-# `python -m experiments.measure_speed` finds the host pipeline ahead (it
-# sorts the edges with NumPy on two threads; XLA's sort and scatters are
-# slow on a CPU): the device 7% ahead at 1,024 signals, the host 8%
-# ahead at 1,280 and 1.5x at 2,048 (README, Performance).
-HOST_MIN_NODES_ON_CPU = 1152
+# On a CPU, TOP runs on the host from this many signals (README,
+# Performance). `python -m experiments.measure_speed` finds the host
+# pipeline ahead per measurement from about 768 signals (it sorts the edges
+# with NumPy on two threads; XLA's sort and scatters are slow on a CPU),
+# but a program that holds the host call costs about 45-52 microseconds
+# more on every step (`python -m experiments.overhead`): 4.5-5.2 ms per
+# measurement at the default every=100, which the host's faster measurement
+# repays from about 1,400 signals (2.6 ms saved at 1,280, 7.5 ms at 1,536).
+HOST_MIN_NODES_ON_CPU = 1408
 
 
 def resolve_backend(backend: str, distance: str,
@@ -322,10 +325,11 @@ def resolve_backend(backend: str, distance: str,
 
   WD always runs on the host. TOP runs on the device backend on GPU/TPU,
   which avoids a host round trip. On a CPU it runs on the device backend
-  below :data:`HOST_MIN_NODES_ON_CPU` signals (ahead per measurement there,
-  and steps that do not measure are cheaper without a host call in the
-  program) and on the host from there on (ahead per measurement, which
-  then costs more than a host call on every step). A program with a host
+  below :data:`HOST_MIN_NODES_ON_CPU` signals and on the host from there
+  on: the host is faster per measurement from a few hundred signals, but
+  a host call in the program costs every step a little, which at the
+  default ``every=100`` its faster measurement repays only from there. With
+  a smaller ``every``, ``backend="host"`` may pay from fewer signals. A program with a host
   call cannot be serialised with ``jax.export``: pass ``backend="device"``
   for that. The rule reads ``jax.default_backend()`` of the process that
   traces.

@@ -330,7 +330,7 @@ def scale_by_connectome(
     backend: TOP backend, ``"device"`` (pure JAX), ``"host"`` (the
       connectome on the device, then summaries, distances and the gate in
       NumPy in one ``jax.pure_callback``) or ``"auto"`` (for TOP the device
-      backend, on a CPU the host one from 1,152 signals; see
+      backend, on a CPU the host one from 1,408 signals; see
       :func:`cgalr_jax.measure.resolve_backend`). Programs that hold the
       host backend cannot be serialised with ``jax.export``; use
       ``"device"`` there.
