@@ -2,10 +2,12 @@
 
 The pool source (``scale_by_connectome(pool=True)``) sums the statistics of
 the activations passed with updates and measures them every ``every``-th
-update. Pooling every update costs a ``[P, P]`` Gram product per step. Pooling only
-B evenly spaced updates of each period (:func:`pooled`, the measuring update
-last) would cost a B-th of that per period. This experiment asks whether
-the distance the gate reads survives it, on a realistic trajectory:
+update. Pooling every update costs a ``[P, P]`` Gram product per step.
+Pooling only B evenly spaced updates of each period (:func:`pooled`, the
+measuring update last) would cost a B-th of that per period; pooling R
+rows of every batch (what ``select=`` can pass the transform) shrinks each
+product. This experiment asks whether the distance the gate reads survives
+either, on a realistic trajectory:
 
 * the reference MLP of ``experiments/overhead.py`` (784-256-128-10,
   LeakyReLU, both hidden layers read: P = 384 signals) trained on
@@ -18,8 +20,9 @@ the distance the gate reads survives it, on a realistic trajectory:
   cleared: the library's K = 512 TOP summary of the whole pool and of its
   even and odd halves (``topology.top_summary_device``);
 * pools: every update (the reference), B = 20, 10, 5, and B = 1 (the
-  measuring update's batch alone: the batch source at the same cadence);
-  and a fixed probe of 512 training samples read at the measuring updates
+  measuring update's batch alone: the batch source at the same cadence),
+  R = 32 (every update, the first 32 of its 128 shuffled rows); and a
+  fixed probe of 512 training samples read at the measuring updates
   (the network's own change, free of sampling noise).
 
 Per pool and seed it reports: the Spearman correlation of its log distance
@@ -57,6 +60,7 @@ from experiments import node_budget, train
 RESOLUTION = 512
 HIDDEN = (256, 128)
 POOLS = (None, 20, 10, 5, 1)  # None: every update
+ROWS = (32,)  # every update, only the first rows of its batch
 SEEDS = (0, 1, 2)
 BATCH = 128
 LR = 0.05
@@ -92,6 +96,7 @@ def _summaries(stats: measure.SignalStats, resolution: int) -> jax.Array:
 def trajectory_series(x_train: np.ndarray, y_train: np.ndarray, *,
                       steps: int, every: int, probe: int,
                       pools: Sequence[int | None] = POOLS,
+                      rows: Sequence[int] = ROWS,
                       hidden: Sequence[int] = HIDDEN, num_classes: int = 10,
                       batch: int = BATCH, lr: float = LR, seed: int = 0,
                       resolution: int = RESOLUTION) -> dict:
@@ -123,8 +128,12 @@ def trajectory_series(x_train: np.ndarray, y_train: np.ndarray, *,
   probe_summary = jax.jit(lambda q: topology.top_summary_device(
       correlation_from_stats(measure.merge_parts(measure.split_stats(
           node_budget.mlp_apply(q, x_all[probe_idx])[1]))), resolution))
-  names = [pool_name(b) for b in pools]
+  names = [pool_name(b) for b in pools] + [f"R{r}" for r in rows]
   member = {pool_name(b): pooled(np.arange(every), every, b) for b in pools}
+  take = {n: batch for n in names}
+  for r in rows:
+    member[f"R{r}"] = np.ones(every, bool)
+    take[f"R{r}"] = r
   store = {n: measure.empty_pool(2, p) for n in names}
   out = {n: [] for n in names}
   out["probe"] = [probe_summary(params)]
@@ -137,7 +146,7 @@ def trajectory_series(x_train: np.ndarray, y_train: np.ndarray, *,
     params, state, acts = update(params, state, jnp.asarray(idx))
     for n in names:
       if member[n][t % every]:
-        store[n] = add(store[n], acts)
+        store[n] = add(store[n], acts[:take[n]])
     if (t + 1) % every == 0:
       for n in names:
         out[n].append(_summaries(store[n], resolution))
@@ -206,12 +215,14 @@ def table(summary: dict) -> str:
   lines.append("")
   lines.append("Mean over seeds (min-max). `all`: every update pooled; `BN`: "
                "N evenly spaced updates per period; `B1`: the measuring "
-               "update's batch alone.")
+               "update's batch alone; `RN`: every update, N rows of its "
+               "batch.")
   return "\n".join(lines)
 
 
 def run(*, steps: int, every: int, probe: int, seeds: Sequence[int] = SEEDS,
-        pools: Sequence[int | None] = POOLS, hidden: Sequence[int] = HIDDEN,
+        pools: Sequence[int | None] = POOLS, rows: Sequence[int] = ROWS,
+        hidden: Sequence[int] = HIDDEN,
         dataset=None, lr: float = LR, batch: int = BATCH,
         resolution: int = RESOLUTION,
         log: Callable[[str], None] = print) -> dict:
@@ -222,20 +233,20 @@ def run(*, steps: int, every: int, probe: int, seeds: Sequence[int] = SEEDS,
     from experiments import data  # pylint: disable=import-outside-toplevel
     dataset = data.load("mnist5k")
   t0 = time.perf_counter()
-  names = [pool_name(b) for b in pools]
+  names = [pool_name(b) for b in pools] + [f"R{r}" for r in rows]
   per_seed = []
   for seed in seeds:
     series = trajectory_series(
         dataset.x_train, dataset.y_train, steps=steps, every=every,
-        probe=probe, pools=pools, hidden=hidden,
+        probe=probe, pools=pools, rows=rows, hidden=hidden,
         num_classes=dataset.num_classes, batch=batch, lr=lr, seed=seed,
         resolution=resolution)
-    rows = metrics(series, names)
-    per_seed.append(rows)
+    seed_rows = metrics(series, names)
+    per_seed.append(seed_rows)
     log(f"seed {seed}: " + ", ".join(
-        f"{n} rho {rows[n]['spearman_full']:.2f} gate "
-        f"{rows[n]['gate_agreement']:.2f} d/noise "
-        f"{rows[n]['distance_over_noise']:.2f}" for n in names) +
+        f"{n} rho {seed_rows[n]['spearman_full']:.2f} gate "
+        f"{seed_rows[n]['gate_agreement']:.2f} d/noise "
+        f"{seed_rows[n]['distance_over_noise']:.2f}" for n in names) +
         f" ({time.perf_counter() - t0:.0f} s)")
   summary = summarize(per_seed, names)
   return {
@@ -243,7 +254,7 @@ def run(*, steps: int, every: int, probe: int, seeds: Sequence[int] = SEEDS,
                 "hidden": list(hidden), "signals": int(sum(hidden)),
                 "steps": steps, "every": every, "probe": probe,
                 "batch": batch, "lr": lr, "momentum": MOMENTUM,
-                "pools": [pool_name(b) for b in pools],
+                "pools": names,
                 "seeds": list(seeds),
                 "distance": f"TOP_K, K={resolution} (top_summary_device + "
                             "top_summary_distance)",

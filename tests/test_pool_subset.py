@@ -41,15 +41,15 @@ def test_pooled_hand_computed():
 
 def test_run_tiny():
   result = pool_subset.run(steps=24, every=4, probe=64, seeds=(0, 1),
-                           pools=(None, 8, 2, 1), hidden=(8, 8),
+                           pools=(None, 8, 2, 1), rows=(16, 4), hidden=(8, 8),
                            dataset=_dataset(), batch=16, lr=0.05,
                            resolution=4, log=lambda s: None)
   summary, per_seed = result["summary"], result["per_seed"]
-  assert list(summary) == ["all", "B8", "B2", "B1"]
+  assert list(summary) == ["all", "B8", "B2", "B1", "R16", "R4"]
   # Samples per measurement: 4, 4 (B >= every pools every update), 2, 1
-  # batches of 16.
+  # batches of 16; every update's 16 (all) or 4 rows.
   assert [np.median(summary[n]["samples_per_measurement"])
-          for n in summary] == [64, 64, 32, 16]
+          for n in summary] == [64, 64, 32, 16, 64, 16]
   for rows in per_seed:
     # 6 measurements, 5 consecutive distances each.
     assert len(rows["all"]["distance"]) == 5
@@ -57,6 +57,9 @@ def test_run_tiny():
     # A pool of every update is the full pool, bit for bit.
     assert rows["B8"]["distance"] == rows["all"]["distance"]
     assert rows["B8"]["noise"] == rows["all"]["noise"]
+    # So is a pool of every row of every update.
+    assert rows["R16"]["distance"] == rows["all"]["distance"]
+    assert rows["R4"]["distance"] != rows["all"]["distance"]
     assert rows["B1"]["distance"] != rows["all"]["distance"]
     for n in summary:
       assert np.all(np.isfinite(rows[n]["distance"]))
