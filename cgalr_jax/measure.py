@@ -328,11 +328,11 @@ def resolve_backend(backend: str, distance: str,
   below :data:`HOST_MIN_NODES_ON_CPU` signals and on the host from there
   on: the host is faster per measurement from a few hundred signals, but
   a host call in the program costs every step a little, which at the
-  default ``every=100`` its faster measurement repays only from there. With
-  a smaller ``every``, ``backend="host"`` may pay from fewer signals. A program with a host
-  call cannot be serialised with ``jax.export``: pass ``backend="device"``
-  for that. The rule reads ``jax.default_backend()`` of the process that
-  traces.
+  default ``every=100`` its faster measurement repays only from there.
+  With a smaller ``every``, ``backend="host"`` may pay from fewer signals.
+  A program with a host call cannot be serialised with ``jax.export``:
+  pass ``backend="device"`` for that. The rule reads
+  ``jax.default_backend()`` of the process that traces.
 
   Args:
     backend: ``"auto"``, ``"device"`` or ``"host"``.

@@ -90,13 +90,16 @@ def _death_ranks_to_edge_ranks(removed, ranks, xp):
   return ranks + xp.searchsorted(survivors_before, ranks, side="right")
 
 
-def _birth_positions(edges_sorted, births_sorted, xp):
+def _birth_positions(edges_sorted, births_sorted, xp, first_in_edges=None):
   """Distinct positions of the birth multiset inside the sorted edge list.
 
   Equal values are interchangeable, so the j-th copy of a value among the
   births takes the j-th slot of that value among the edges.
+  ``first_in_edges`` (each birth's left ``searchsorted`` position among
+  the edges) may be given when the edges are not one sorted array.
   """
-  first_in_edges = xp.searchsorted(edges_sorted, births_sorted, side="left")
+  if first_in_edges is None:
+    first_in_edges = xp.searchsorted(edges_sorted, births_sorted, side="left")
   first_in_births = xp.searchsorted(births_sorted, births_sorted, side="left")
   return first_in_edges + (xp.arange(births_sorted.shape[0]) - first_in_births)
 
@@ -551,9 +554,8 @@ def _top_summary_split(edges: np.ndarray, p: int, resolution: int,
   births = np.sort(tree)
   out[0] = births[quantile_ranks(n_b, resolution)]
   if n_d:
-    first_in_edges = _rank_in_two(a, b, births, "left")
-    first_in_births = np.searchsorted(births, births, side="left")
-    removed = first_in_edges + (np.arange(n_b) - first_in_births)
+    removed = _birth_positions(None, births, np,
+                               _rank_in_two(a, b, births, "left"))
     ranks = _death_ranks_to_edge_ranks(
         removed, quantile_ranks(n_d, resolution), np)
     out[1] = _select_from_two(a, b, ranks)

@@ -30,9 +30,10 @@ burst of load from another process hits all of them alike), the median of:
 
 Before timing, every library summary (and the previous one's) is checked bit
 for bit against the exact quantiles of the reference's sets computed on the
-library's own float32 connectome (the previous revision's on its own). It prints a table of medians and ratios,
-which backend is faster at each P on this machine (what ``backend="auto"``
-should pick), and writes ``DIR/measure_speed.json``.
+library's own float32 connectome (the previous revision's on its own).
+It prints a table of medians and ratios, which backend is faster at each P
+on this machine (what ``backend="auto"`` should pick), and writes
+``DIR/measure_speed.json``.
 """
 
 from __future__ import annotations
