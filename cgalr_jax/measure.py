@@ -11,6 +11,9 @@ topological summary by the chosen backend.
 
 from __future__ import annotations
 
+import functools
+import math
+import time
 from typing import Any
 
 import jax
@@ -309,14 +312,41 @@ def usable(stats: SignalStats, xp: Any = jnp) -> jax.Array:
 # Backend policy and summaries.
 
 # On a CPU, TOP runs on the host from this many signals (README,
-# Performance). `python -m experiments.measure_speed` finds the host
-# pipeline ahead per measurement from about 768 signals (it sorts the edges
-# with NumPy on two threads; XLA's sort and scatters are slow on a CPU),
-# but a program that holds the host call costs about 45-52 microseconds
-# more on every step (`python -m experiments.overhead`): 4.5-5.2 ms per
-# measurement at the default every=100, which the host's faster measurement
-# repays from about 1,400 signals (2.6 ms saved at 1,280, 7.5 ms at 1,536).
+# Performance), where NumPy's sort is vectorised. `python -m
+# experiments.measure_speed` finds the host pipeline ahead per measurement
+# from about 768 signals there (it sorts the edges with NumPy on two
+# threads; XLA's sort and scatters are slow on a CPU), but a program that
+# holds the host call costs about 45-52 microseconds more on every step
+# (`python -m experiments.overhead`): 4.5-5.2 ms per measurement at the
+# default every=100, which the host's faster measurement repays from about
+# 1,400 signals (2.6 ms saved at 1,280, 7.5 ms at 1,536).
 HOST_MIN_NODES_ON_CPU = 1408
+# The host summary's cost is mostly NumPy's float32 sort, whose speed
+# depends on the CPU, not only on its instruction set: on an AMD Zen 4 the
+# AVX-512 sort NumPy dispatches to stores through a microcoded instruction
+# and sorts 2^16 values at about 23 ns each, against about 5 ns with the
+# AVX2 sort on the same core and less on Intel CPUs with AVX-512; the
+# device backend's radix selection is then the faster one at every size
+# measured (README, Performance). ``auto`` takes the host backend only
+# where the sort is at least this fast (ns per element, 2^16 values).
+FAST_SORT_NS_PER_ELEMENT = 12.0
+_SORT_PROBE_SIZE = 1 << 16
+
+
+@functools.lru_cache(maxsize=1)
+def host_sort_ns_per_element() -> float:
+  """NumPy's float32 sort speed on this machine, measured once per process.
+
+  The best of three sorts of 2^16 uniform values (about 0.1-1.5 ms each),
+  in nanoseconds per element: what ``backend="auto"`` reads on a CPU.
+  """
+  values = np.random.default_rng(0).random(_SORT_PROBE_SIZE, np.float32)
+  best = math.inf
+  for _ in range(3):
+    start = time.perf_counter()
+    np.sort(values)
+    best = min(best, time.perf_counter() - start)
+  return best * 1e9 / _SORT_PROBE_SIZE
 
 
 def resolve_backend(backend: str, distance: str,
@@ -329,10 +359,16 @@ def resolve_backend(backend: str, distance: str,
   on: the host is faster per measurement from a few hundred signals, but
   a host call in the program costs every step a little, which at the
   default ``every=100`` its faster measurement repays only from there.
-  With a smaller ``every``, ``backend="host"`` may pay from fewer signals.
-  A program with a host call cannot be serialised with ``jax.export``:
-  pass ``backend="device"`` for that. The rule reads
-  ``jax.default_backend()`` of the process that traces.
+  That holds where NumPy's sort is vectorised
+  (:func:`host_sort_ns_per_element` at most
+  :data:`FAST_SORT_NS_PER_ELEMENT`, timed once per process); where it is
+  not, as on AMD Zen 4 CPUs, the device backend at every size. Both
+  backends return the same bits, so the choice changes speed only; to
+  trace the same program on every machine (several processes, or
+  ``jax.export``, which cannot serialise a host call) pass ``"device"``
+  or ``"host"``. With a smaller ``every``, ``backend="host"`` may pay
+  from fewer signals. The rule reads ``jax.default_backend()`` of the
+  process that traces.
 
   Args:
     backend: ``"auto"``, ``"device"`` or ``"host"``.
@@ -345,7 +381,8 @@ def resolve_backend(backend: str, distance: str,
   if backend != "auto":
     return backend
   if (num_nodes is not None and num_nodes >= HOST_MIN_NODES_ON_CPU
-      and jax.default_backend() == "cpu"):
+      and jax.default_backend() == "cpu"
+      and host_sort_ns_per_element() <= FAST_SORT_NS_PER_ELEMENT):
     return "host"
   return "device"
 

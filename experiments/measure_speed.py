@@ -32,7 +32,9 @@ Before timing, every library summary (and the previous one's) is checked bit
 for bit against the exact quantiles of the reference's sets computed on the
 library's own float32 connectome (the previous revision's on its own).
 It prints a table of medians and ratios, which backend is faster at each P
-on this machine (what ``backend="auto"`` should pick), and writes
+on this machine (what ``backend="auto"`` should pick) next to what it picks
+here (with the CPU and NumPy's sort speed, which decide the host's cost),
+and writes
 ``DIR/measure_speed.json``.
 """
 
@@ -56,7 +58,7 @@ import numpy as np
 import cgalr_jax
 from cgalr_jax import measure, topology
 from cgalr_jax.connectome import condensed_from_stats
-from experiments.overhead import time_interleaved
+from experiments.overhead import cpu_model, time_interleaved
 
 SIZES = (256, 512, 1024, 2048)
 NUM_SAMPLES = 256
@@ -203,7 +205,9 @@ def run(out: Path, sizes: Sequence[int], reps: int,
   result: dict[str, Any] = {
       "command": command,
       "machine": {"platform": platform.platform(),
-                  "cpu_count": os.cpu_count(),
+                  "cpu_count": os.cpu_count(), "cpu": cpu_model(),
+                  "numpy_sort_ns_per_element":
+                      measure.host_sort_ns_per_element(),
                   "jax": jax.__version__, "numpy": np.__version__,
                   "devices": [str(d) for d in jax.devices()],
                   "load_average_before": list(os.getloadavg())},
@@ -243,6 +247,9 @@ def run(out: Path, sizes: Sequence[int], reps: int,
         + ("" if all(identical.values()) else f"  NOT IDENTICAL {identical}"))
   result["machine"]["load_average_after"] = list(os.getloadavg())
   result["faster_backend"] = faster_backend(result["medians_ms"])
+  result["auto_backend"] = {
+      p: measure.resolve_backend("auto", "top", int(p))
+      for p in result["medians_ms"]}
   result["switch"] = switch_points(result["faster_backend"])
   out.mkdir(parents=True, exist_ok=True)
   (out / "measure_speed.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -287,6 +294,12 @@ def table(result: dict) -> str:
       f"P = {p}: {b}" for p, b in result["faster_backend"].items()))
   lines.append("switch: " + ("; ".join(result["switch"]) or
                              "none within the sizes measured"))
+  if "auto_backend" in result:
+    lines.append("backend='auto' here: " + ", ".join(
+        f"P = {p}: {b}" for p, b in result["auto_backend"].items())
+        + f" (NumPy float32 sort "
+        f"{result['machine']['numpy_sort_ns_per_element']:.1f} ns/element, "
+        f"{result['machine']['cpu']})")
   identical = all(all(v.values()) for v in result["identical"].values())
   lines.append("summaries bit-identical to the reference's exact quantiles: "
                + ("yes" if identical else f"NO {result['identical']}"))

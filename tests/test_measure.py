@@ -117,6 +117,29 @@ def test_usable_rejects_any_non_finite_statistic(field, value):
   assert not bool(measure.usable(as_np(bad), np))
 
 
+def test_host_sort_speed_is_measured_once_per_process():
+  """The sort probe sorts 2^16 values three times, then answers from its
+  cache; its figure is a plausible time per element."""
+  sorted_sizes = []
+  real_sort = np.sort
+
+  def counting_sort(values, *args, **kwargs):
+    sorted_sizes.append(np.shape(values))
+    return real_sort(values, *args, **kwargs)
+
+  measure.host_sort_ns_per_element.cache_clear()
+  try:
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setattr(np, "sort", counting_sort)
+      first = measure.host_sort_ns_per_element()
+      assert measure.host_sort_ns_per_element() == first
+    assert sorted_sizes == [(1 << 16,)] * 3
+    # Between 0.05 ns (faster than any CPU sorts) and 10 us per element.
+    assert 0.05 < first < 1e4
+  finally:
+    measure.host_sort_ns_per_element.cache_clear()
+
+
 def test_usable_accepts_huge_finite_statistics():
   """Finite statistics near float32's limit stay usable in both checks (the
   traced one multiplies by zero before it sums, so nothing overflows)."""
@@ -132,15 +155,24 @@ def test_backend_policy():
   assert measure.resolve_backend("auto", "wd") == "host"
   assert measure.resolve_backend("device", "top", 4096) == "device"
   assert measure.resolve_backend("host", "top", 8) == "host"
-  # On a CPU the host backend from HOST_MIN_NODES_ON_CPU signals on.
+  # On a CPU with a vectorised NumPy sort, the host backend from
+  # HOST_MIN_NODES_ON_CPU signals on.
   threshold = measure.HOST_MIN_NODES_ON_CPU
   assert 1280 < threshold <= 1536  # the measured crossover (README)
+  fast = measure.FAST_SORT_NS_PER_ELEMENT
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(jax, "default_backend", lambda: "cpu")
+    patch.setattr(measure, "host_sort_ns_per_element", lambda: fast)
     for nodes in (None, 64, 1024, threshold - 1):
       assert measure.resolve_backend("auto", "top", nodes) == "device"
     for nodes in (threshold, 100_000):
       assert measure.resolve_backend("auto", "top", nodes) == "host"
+    # Where the sort is slow (AMD Zen 4's AVX-512 sort), the device backend
+    # at every size; an explicit backend is still honoured.
+    patch.setattr(measure, "host_sort_ns_per_element", lambda: 2 * fast)
+    for nodes in (None, 64, threshold, 100_000):
+      assert measure.resolve_backend("auto", "top", nodes) == "device"
+    assert measure.resolve_backend("host", "top", 100_000) == "host"
   # Elsewhere the device backend at every size.
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(jax, "default_backend", lambda: "gpu")
