@@ -2,9 +2,9 @@
 
 On XLA:CPU every reduction-like operation in a compiled program (reduce,
 reduce-window, scatter, sort) costs each run of the program a little, even
-inside a ``lax.cond`` branch that does not run: about 0.13 microseconds per
-cumulative sum on the reference MLP step (``python -m experiments.overhead``,
-section "untaken branch"; README, Performance). CG-ALR's measurement sits in
+inside a ``lax.cond`` branch that does not run (``python -m
+experiments.overhead``, section "untaken branch", measures it per cumulative
+sum; README, Performance). CG-ALR's measurement sits in
 such a branch of every training step, so the sums it needs are written here
 as matrix-vector products, which XLA keeps as products as long as one
 operand is a matrix, and as associative scans (slices and adds). Each is

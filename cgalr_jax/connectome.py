@@ -131,9 +131,8 @@ def _separately(stats: SignalStats) -> SignalStats:
     them (fused with what surrounds them they can move by one ulp), so the
     host backend's upper triangle and the device backend's matrix,
     computed in different programs, agree bit for bit;
-  * XLA:CPU fused and laid the two out together at a cost: about 18
-    against 13 ms at P = 2048 and 2.65 against 2.3 ms at P = 1024 for the
-    whole connectome of 256 samples (a profile).
+  * XLA:CPU fused and laid the two out together at a cost (README,
+    Performance, "The connectome").
   """
   return SignalStats(*jax.lax.optimization_barrier(tuple(stats)))
 
@@ -143,9 +142,9 @@ def _transposed(m: jax.Array) -> jax.Array:
   """``m.T`` (a matrix) bit for bit; on a CPU, as its own row-major copy.
 
   XLA:CPU fuses ``where(upper, m, m.T)`` and the elementwise steps before
-  it into one loop that reads half its inputs down columns, about 3x slower
-  at P = 2048 than writing the transpose out first (a plain transposing
-  copy) and selecting from two row-major arrays. The copy is carried through a
+  it into one loop that reads half its inputs down columns, slower at large
+  P than writing the transpose out first (a plain transposing copy) and
+  selecting from two row-major arrays (README, Performance). The copy is carried through a
   loop that runs zero times (once if ``m[0, 0]`` is NaN, and then it
   selects the same values): XLA keeps what a loop carries as a separate
   buffer, so it can neither fuse the copy into the selection nor change

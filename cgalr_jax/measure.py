@@ -337,8 +337,9 @@ _SORT_PROBE_SIZE = 1 << 16
 def host_sort_ns_per_element() -> float:
   """NumPy's float32 sort speed on this machine, measured once per process.
 
-  The best of three sorts of 2^16 uniform values (about 0.1-1.5 ms each),
-  in nanoseconds per element: what ``backend="auto"`` reads on a CPU.
+  The best of three sorts of 2^16 uniform values, in nanoseconds per
+  element: what ``backend="auto"`` reads on a CPU (the first time it has a
+  large enough connectome to decide, at trace time).
   """
   values = np.random.default_rng(0).random(_SORT_PROBE_SIZE, np.float32)
   best = math.inf
