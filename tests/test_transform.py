@@ -675,8 +675,36 @@ def test_costly_node_counts_warn_once_naming_the_remedy(distance,
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # 6 signals: no warning
     quiet.update(GRADS, quiet.init({}), None, activations=a)
-  with pytest.warns(UserWarning, match=r"8 signals .* set max_nodes \(<= 6\)"):
+  low, high = transform.expected_seconds(distance, 8)
+  with pytest.warns(UserWarning, match=(
+      rf"8 signals .* roughly {low:.2g}-{high:.2g} s on a 2-core CPU; set "
+      r"max_nodes \(<= 6\) or a larger every")):
     _, state = opt.update(GRADS, state, None, activations=a)
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # once per optimizer
     opt.update(GRADS, state, None, activations=a * 2)
+
+
+def test_expected_cost_grows_with_the_signal_count_and_brackets_a_second():
+  # At the thresholds the warning fires from, the estimate is the order of
+  # a second (TOP) or a few tenths (WD), and it grows like P^2 log P / P^4.
+  top_lo, top_hi = transform.expected_seconds(
+      "top", transform.COSTLY_TOP_NODES)
+  assert 0.3 < top_lo < 1.0 < top_hi < 3.0
+  twice = transform.expected_seconds("top", 2 * transform.COSTLY_TOP_NODES)
+  assert twice[0] / top_lo == pytest.approx(
+      4 * math.log2(2 * transform.COSTLY_TOP_NODES)
+      / math.log2(transform.COSTLY_TOP_NODES))
+  wd_lo, wd_hi = transform.expected_seconds("wd", transform.COSTLY_WD_NODES)
+  assert 0.05 < wd_lo < wd_hi < 0.5
+  assert transform.expected_seconds("wd", 256)[0] > 10 * wd_lo
+
+
+def test_costly_probe_warns_at_init(monkeypatch):
+  # A probe's signal count is known when init reads its shapes.
+  monkeypatch.setattr(transform, "COSTLY_TOP_NODES", 6)
+  x = jnp.ones((32, 4))
+  opt = transform.scale_by_connectome(
+      probe=lambda p: jnp.tanh(x @ p["w"]), every=2)
+  with pytest.warns(UserWarning, match=r"8 signals .* set max_nodes"):
+    opt.init({"w": jnp.ones((4, 8))})
