@@ -56,6 +56,13 @@ shared machine.
    after the first.
 9. ``state_bytes``: bytes of the CG-ALR optimiser state after a
    measurement of P signals (its shapes are fixed: it must not grow with P).
+10. ``dispatch``: one reference MLP step at a time (plain SGD, CG-ALR
+   that never measures with each backend): the median time until the
+   ``jax.jit``-ed call returns and until its result is ready. A program
+   that holds a host callback, even one in a branch that never runs, is
+   executed before the call returns, so the next step's dispatch (Python
+   and JAX's argument handling) can no longer overlap this step's work:
+   the fixed cost of ``backend="host"``.
 
 Activations are synthetic but structured: a LeakyReLU layer of random
 weights on 64 shared Gaussian inputs, so signals correlate like a hidden
@@ -721,6 +728,51 @@ def bench_untaken(reps: int, quick: bool, log) -> dict:
                       "cgalr_extra_reductions": extra}}
 
 
+def bench_dispatch(reps: int, quick: bool, log) -> dict:
+  """When a step's call returns, against when its result is ready, one step
+  at a time (nothing queued behind it), for plain SGD and for CG-ALR that
+  never measures, per backend."""
+  from experiments import models as models_lib  # pylint: disable=import-outside-toplevel
+
+  hidden, probe_size = ((16, 8), 64) if quick else ((256, 128), PROBE_SIZE)
+  model = models_lib.MLP(hidden=hidden)
+  x_np, y_np, _ = training_batch(max(BATCH, probe_size), real=not quick)
+  x, y = jnp.asarray(x_np[:BATCH]), jnp.asarray(y_np[:BATCH])
+  params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
+  probe = flax_probe(model, jnp.asarray(x_np[:probe_size]))
+  variants = {"sgd": optax.sgd(0.01, 0.9)}
+  variants.update({
+      f"never_{backend}": cgalr_jax.cgalr(0.01, 0.9, every=EVERY["never"],
+                                          backend=backend, probe=probe)
+      for backend in BACKENDS})
+  steps = {}
+  for name, optimizer in variants.items():
+    opt_state = optimizer.init(params)
+    step, _ = compile_timed(make_step(model, optimizer, x, y), params,
+                            opt_state)
+    steps[name] = (step, opt_state)
+  times = {name: ([], []) for name in variants}
+  order = np.random.default_rng(0)
+  names = list(variants)
+  for _ in range(max(reps, 50)):
+    for name in (names[i] for i in order.permutation(len(names))):
+      step, opt_state = steps[name]
+      start = time.perf_counter()
+      out = step(params, opt_state)
+      returned = time.perf_counter()
+      _block(out)
+      ready = time.perf_counter()
+      times[name][0].append(returned - start)
+      times[name][1].append(ready - start)
+  result = {name: {"returns_ms": 1e3 * float(np.median(r)),
+                   "ready_ms": 1e3 * float(np.median(d))}
+            for name, (r, d) in times.items()}
+  log("  dispatch (MLP step, call returns / result ready): " + ", ".join(
+      f"{k} {v['returns_ms']:.3f} / {v['ready_ms']:.3f} ms"
+      for k, v in result.items()))
+  return {"dispatch": result}
+
+
 # ----------------------------------------------------------------------------
 # 5. State size.
 
@@ -960,6 +1012,11 @@ def table(result: dict) -> str:
                   f"{k} {v:.2f}" for k, v in u["per_op_us"].items())
               + f"; CG-ALR's measuring branch adds "
               f"{u['cgalr_extra_reductions']} reduction-like operations"]
+  if "dispatch" in result:
+    lines += ["", "One step at a time, ms until the call returns / until "
+              "its result is ready: " + ", ".join(
+                  f"{k} {v['returns_ms']:.3f} / {v['ready_ms']:.3f}"
+                  for k, v in result["dispatch"].items())]
   if "state_bytes" in result:
     lines += ["", "State bytes after a measurement: " + ", ".join(
         f"P={p}: {n}" for p, n in result["state_bytes"].items())]
@@ -1026,6 +1083,7 @@ def run(out: Path, *, sizes: Sequence[int] = SIZES,
       "cadence": lambda: bench_cadence(reps, quick, log),
       "breakdown": lambda: bench_breakdown(reps, quick, log),
       "untaken branch": lambda: bench_untaken(reps, quick, log),
+      "dispatch": lambda: bench_dispatch(reps, quick, log),
       "state size": lambda: {"state_bytes": {
           str(p): state_bytes(p) for p in state_sizes}},
   }

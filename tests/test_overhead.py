@@ -52,6 +52,11 @@ def test_cli_writes_the_schema(tmp_path, capsys):
   assert all(positive(v) for v in untaken["step_ms"].values())
   assert set(untaken["per_op_us"]) == {"cumsum", "scan", "matvec"}
   assert 0 < untaken["cgalr_extra_reductions"] <= 24
+  dispatch = result["dispatch"]
+  assert set(dispatch) == {"sgd", "never_device", "never_host"}
+  for times in dispatch.values():
+    assert positive(times["returns_ms"])
+    assert times["returns_ms"] <= times["ready_ms"]
   assert result["state_bytes"] == {"4": result["state_bytes"]["4096"],
                                    "4096": result["state_bytes"]["4"]}
   assert isinstance(result["state_bytes"]["4"], int)
