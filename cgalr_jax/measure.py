@@ -364,9 +364,11 @@ def resolve_backend(backend: str, distance: str,
   (:func:`host_sort_ns_per_element` at most
   :data:`FAST_SORT_NS_PER_ELEMENT`, timed once per process); where it is
   not, as on AMD Zen 4 CPUs, the device backend at every size. Both
-  backends return the same bits, so the choice changes speed only; to
-  trace the same program on every machine (several processes, or
-  ``jax.export``, which cannot serialise a host call) pass ``"device"``
+  backends return the same bits, so the choice changes speed only. With
+  several processes (``jax.process_count() > 1``) it is the device
+  backend, so that no process's timing can make it trace another program
+  than the others; to trace the same program on every machine otherwise
+  (``jax.export``, which cannot serialise a host call) pass ``"device"``
   or ``"host"``. With a smaller ``every``, ``backend="host"`` may pay
   from fewer signals. The rule reads ``jax.default_backend()`` of the
   process that traces.
@@ -382,7 +384,7 @@ def resolve_backend(backend: str, distance: str,
   if backend != "auto":
     return backend
   if (num_nodes is not None and num_nodes >= HOST_MIN_NODES_ON_CPU
-      and jax.default_backend() == "cpu"
+      and jax.default_backend() == "cpu" and jax.process_count() == 1
       and host_sort_ns_per_element() <= FAST_SORT_NS_PER_ELEMENT):
     return "host"
   return "device"

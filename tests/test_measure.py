@@ -173,6 +173,13 @@ def test_backend_policy():
     for nodes in (None, 64, threshold, 100_000):
       assert measure.resolve_backend("auto", "top", nodes) == "device"
     assert measure.resolve_backend("host", "top", 100_000) == "host"
+    # Several processes: the device backend, whatever one process's sort
+    # timing says (every process must trace the same program).
+    patch.setattr(measure, "host_sort_ns_per_element", lambda: fast)
+    patch.setattr(jax, "process_count", lambda: 2)
+    for nodes in (threshold, 100_000):
+      assert measure.resolve_backend("auto", "top", nodes) == "device"
+    assert measure.resolve_backend("host", "top", 100_000) == "host"
   # Elsewhere the device backend at every size.
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(jax, "default_backend", lambda: "gpu")
