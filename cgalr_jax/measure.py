@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import time
 from typing import Any
 
@@ -324,23 +325,19 @@ HOST_MIN_NODES_ON_CPU = 1408
 # The host summary's cost is mostly NumPy's float32 sort, whose speed
 # depends on the CPU, not only on its instruction set: on an AMD Zen 4 the
 # AVX-512 sort NumPy dispatches to stores through a microcoded instruction
-# and sorts 2^16 values at about 23 ns each, against about 5 ns with the
-# AVX2 sort on the same core and less on Intel CPUs with AVX-512; the
-# device backend's radix selection is then the faster one at every size
-# measured (README, Performance). ``auto`` takes the host backend only
+# and sorts 2^16 values at 21-30 ns each, against 3.9-4.7 ns with the AVX2
+# sort on the same core; the device backend's radix selection is then the
+# faster one at every size measured (README, Performance). ``auto`` takes the host backend only
 # where the sort is at least this fast (ns per element, 2^16 values).
 FAST_SORT_NS_PER_ELEMENT = 12.0
 _SORT_PROBE_SIZE = 1 << 16
 
 
-@functools.lru_cache(maxsize=1)
-def host_sort_ns_per_element() -> float:
-  """NumPy's float32 sort speed on this machine, measured once per process.
+_SORT_TIMING_LOCK = threading.Lock()
 
-  The best of three sorts of 2^16 uniform values, in nanoseconds per
-  element: what ``backend="auto"`` reads on a CPU (the first time it has a
-  large enough connectome to decide, at trace time).
-  """
+
+@functools.lru_cache(maxsize=1)
+def _timed_host_sort() -> float:
   values = np.random.default_rng(0).random(_SORT_PROBE_SIZE, np.float32)
   best = math.inf
   for _ in range(3):
@@ -348,6 +345,22 @@ def host_sort_ns_per_element() -> float:
     np.sort(values)
     best = min(best, time.perf_counter() - start)
   return best * 1e9 / _SORT_PROBE_SIZE
+
+
+def host_sort_ns_per_element() -> float:
+  """NumPy's float32 sort speed on this machine, measured once per process.
+
+  The best of three sorts of 2^16 uniform values, in nanoseconds per
+  element: what ``backend="auto"`` reads on a CPU (the first time it has a
+  large enough connectome to decide, at trace time). Threads that trace at
+  the same time wait for the one timing, so every caller reads the same
+  figure; ``host_sort_ns_per_element.cache_clear()`` forgets it.
+  """
+  with _SORT_TIMING_LOCK:
+    return _timed_host_sort()
+
+
+host_sort_ns_per_element.cache_clear = _timed_host_sort.cache_clear
 
 
 def resolve_backend(backend: str, distance: str,

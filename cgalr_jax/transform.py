@@ -43,10 +43,11 @@ COSTLY_WD_NODES = 128
 # Seconds per measurement on a 2-core CPU, as c * P^2 log2 P (TOP: the host
 # pipeline's 0.41 s and 1.8 s at 8,192 and 16,384 signals give the low end,
 # the device pipeline's 0.98 s at 8,192 on a CPU with a slow sort the high
-# end) and as c * (P / 128)^4.2 for WD (ripser on the full connectome: 0.1-
+# end) and as c * (P / 128)^4.6 for WD (ripser on the full connectome: 0.1-
 # 0.2 s at 128 nodes, 2.4-4.7 s at 256). Rough: for the warning's message.
 _TOP_SECONDS_PER_P2LOGP = (4.7e-10, 1.13e-9)
 _WD_SECONDS_AT_128 = (0.1, 0.2)
+_WD_EXPONENT = 4.6
 
 
 def expected_seconds(distance: str, num_nodes: int) -> tuple[float, float]:
@@ -55,9 +56,11 @@ def expected_seconds(distance: str, num_nodes: int) -> tuple[float, float]:
   Performance): what the large-P warning names."""
   p = float(num_nodes)
   if distance == "wd":
-    return tuple(c * (p / 128.0) ** 4.2 for c in _WD_SECONDS_AT_128)
+    return tuple(c * (p / 128.0) ** _WD_EXPONENT for c in _WD_SECONDS_AT_128)
   return tuple(c * p * p * math.log2(max(p, 2.0))
                for c in _TOP_SECONDS_PER_P2LOGP)
+
+
 # Extra ``update`` arguments other Optax transformations in a chain consume;
 # they reach this transform too and are ignored silently.
 KNOWN_EXTRA_ARGS = frozenset({"value", "loss", "grad", "key", "rng"})

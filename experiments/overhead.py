@@ -801,19 +801,28 @@ def cpu_model() -> str:
   """The CPU's model name, family and model from ``/proc/cpuinfo`` where
   there is one (the host backend's speed depends on it), else what
   ``platform`` knows."""
+  return _cpu_model_from("/proc/cpuinfo")
+
+
+def _cpu_model_from(path: str) -> str:
   fields = {}
   try:
-    with open("/proc/cpuinfo", encoding="utf-8") as info:
+    with open(path, encoding="utf-8", errors="replace") as info:
       for line in info:
         key, _, value = line.partition(":")
-        if not key.strip() and fields:
-          break  # the first processor's block is enough
+        if not key.strip():
+          if fields:
+            break  # the first processor's block is enough
+          continue
         fields.setdefault(key.strip(), value.strip())
   except OSError:
     pass
   name = fields.get("model name") or platform.processor() or platform.machine()
   if "cpu family" in fields and "model" in fields:
     name += f" (family {fields['cpu family']}, model {fields['model']})"
+  elif "CPU implementer" in fields and "CPU part" in fields:  # Arm
+    name += (f" (implementer {fields['CPU implementer']}, part "
+             f"{fields['CPU part']})")
   return name
 
 
