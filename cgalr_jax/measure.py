@@ -327,12 +327,11 @@ HOST_MIN_NODES_ON_CPU = 1408
 # AVX-512 sort NumPy dispatches to stores through a microcoded instruction
 # and sorts 2^16 values at 21-30 ns each, against 3.9-4.7 ns with the AVX2
 # sort on the same core; the device backend's radix selection is then the
-# faster one at every size measured (README, Performance). ``auto`` takes the host backend only
-# where the sort is at least this fast (ns per element, 2^16 values).
+# faster one at every size measured (README, Performance). ``auto`` takes
+# the host backend only where the sort is at least this fast (ns per
+# element, 2^16 values).
 FAST_SORT_NS_PER_ELEMENT = 12.0
 _SORT_PROBE_SIZE = 1 << 16
-
-
 _SORT_TIMING_LOCK = threading.Lock()
 
 
