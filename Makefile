@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m experiments.benchmark --dataset digits --seeds 3 --out runs/demo
 
-# Measurement cost benchmark (README, Performance); about 4 minutes.
+# Measurement cost benchmark (README, Performance); 6-10 minutes on 2 cores.
 overhead: $(STAMP)
 	$(BIN)/python -m experiments.overhead --out runs/overhead
 
