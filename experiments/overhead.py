@@ -470,16 +470,24 @@ def time_variants(model, params, x, y, variants: dict, steps: int,
           compile_ms)
 
 
-def bench_sources(reps: int, quick: bool, log) -> dict:
-  """The reference MLP with each source at its default settings."""
+def reference_mlp(quick: bool):
+  """The reference MLP (784-256-128-10; a tiny one with ``quick``) on the
+  first training batch: ``(model, params, x, y, probe)``, the probe reading
+  its fixed probe samples."""
   from experiments import models as models_lib  # pylint: disable=import-outside-toplevel
 
   hidden, probe_size = ((16, 8), 64) if quick else ((256, 128), PROBE_SIZE)
-  model, num_signals = models_lib.MLP(hidden=hidden), sum(hidden)
+  model = models_lib.MLP(hidden=hidden)
   x_np, y_np, _ = training_batch(max(BATCH, probe_size), real=not quick)
   x, y = jnp.asarray(x_np[:BATCH]), jnp.asarray(y_np[:BATCH])
   params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
-  probe = flax_probe(model, jnp.asarray(x_np[:probe_size]))
+  return model, params, x, y, flax_probe(model, jnp.asarray(x_np[:probe_size]))
+
+
+def bench_sources(reps: int, quick: bool, log) -> dict:
+  """The reference MLP with each source at its default settings."""
+  model, params, x, y, probe = reference_mlp(quick)
+  num_signals = sum(model.hidden)
   cg = lambda **kw: cgalr_jax.cgalr(0.01, 0.9, **kw)  # noqa: E731
   variants = {
       "sgd": (optax.sgd(0.01, 0.9), False),
@@ -692,14 +700,8 @@ def bench_untaken(reps: int, quick: bool, log) -> dict:
   operations (reduce, reduce-window, scatter, sort) CG-ALR's measuring
   branch adds to the reference MLP step (the compiled program's count over
   plain SGD's)."""
-  from experiments import models as models_lib  # pylint: disable=import-outside-toplevel
-
-  hidden, probe_size, count = (((16, 8), 64, 20) if quick
-                               else ((256, 128), PROBE_SIZE, UNTAKEN_OPS))
-  model = models_lib.MLP(hidden=hidden)
-  x_np, y_np, _ = training_batch(max(BATCH, probe_size), real=not quick)
-  x, y = jnp.asarray(x_np[:BATCH]), jnp.asarray(y_np[:BATCH])
-  params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
+  count = 20 if quick else UNTAKEN_OPS
+  model, params, x, y, probe = reference_mlp(quick)
   chain = lambda t: optax.chain(optax.trace(0.9), t,  # noqa: E731
                                 optax.scale_by_learning_rate(0.01))
   variants = {"sgd": (optax.sgd(0.01, 0.9), False),
@@ -716,7 +718,6 @@ def bench_untaken(reps: int, quick: bool, log) -> dict:
         params, optimizer.init(params)).compile().as_text()
     return len(REDUCTION_OPS.findall(text))
 
-  probe = flax_probe(model, jnp.asarray(x_np[:probe_size]))
   extra = (reductions(cgalr_jax.cgalr(0.01, 0.9, probe=probe))
            - reductions(optax.sgd(0.01, 0.9)))
   log(f"  untaken branch ({count} ops): " + ", ".join(
@@ -732,41 +733,31 @@ def bench_dispatch(reps: int, quick: bool, log) -> dict:
   """When a step's call returns, against when its result is ready, one step
   at a time (nothing queued behind it), for plain SGD and for CG-ALR that
   never measures, per backend."""
-  from experiments import models as models_lib  # pylint: disable=import-outside-toplevel
-
-  hidden, probe_size = ((16, 8), 64) if quick else ((256, 128), PROBE_SIZE)
-  model = models_lib.MLP(hidden=hidden)
-  x_np, y_np, _ = training_batch(max(BATCH, probe_size), real=not quick)
-  x, y = jnp.asarray(x_np[:BATCH]), jnp.asarray(y_np[:BATCH])
-  params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
-  probe = flax_probe(model, jnp.asarray(x_np[:probe_size]))
+  model, params, x, y, probe = reference_mlp(quick)
   variants = {"sgd": optax.sgd(0.01, 0.9)}
   variants.update({
       f"never_{backend}": cgalr_jax.cgalr(0.01, 0.9, every=EVERY["never"],
                                           backend=backend, probe=probe)
       for backend in BACKENDS})
-  steps = {}
+  returned = {name: [] for name in variants}
+  calls = {}
   for name, optimizer in variants.items():
     opt_state = optimizer.init(params)
     step, _ = compile_timed(make_step(model, optimizer, x, y), params,
                             opt_state)
-    steps[name] = (step, opt_state)
-  times = {name: ([], []) for name in variants}
-  order = np.random.default_rng(0)
-  names = list(variants)
-  for _ in range(max(reps, 50)):
-    for name in (names[i] for i in order.permutation(len(names))):
-      step, opt_state = steps[name]
+
+    def call(step=step, opt_state=opt_state, times=returned[name]):
       start = time.perf_counter()
       out = step(params, opt_state)
-      returned = time.perf_counter()
+      times.append(time.perf_counter() - start)
       _block(out)
-      ready = time.perf_counter()
-      times[name][0].append(returned - start)
-      times[name][1].append(ready - start)
-  result = {name: {"returns_ms": 1e3 * float(np.median(r)),
-                   "ready_ms": 1e3 * float(np.median(d))}
-            for name, (r, d) in times.items()}
+
+    calls[name] = call
+  reps = max(reps, 50)
+  ready = time_interleaved(calls, reps)
+  result = {name: {"returns_ms": 1e3 * float(np.median(times[-reps:])),
+                   "ready_ms": ready[name]}
+            for name, times in returned.items()}
   log("  dispatch (MLP step, call returns / result ready): " + ", ".join(
       f"{k} {v['returns_ms']:.3f} / {v['ready_ms']:.3f} ms"
       for k, v in result.items()))

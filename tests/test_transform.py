@@ -703,7 +703,6 @@ def test_expected_cost_matches_the_measured_figures():
   assert 2.0 <= low <= 2.8 and 4.0 <= high <= 5.2
 
 
-
 def test_costly_probe_warns_at_init(monkeypatch):
   # A probe's signal count is known when init reads its shapes.
   monkeypatch.setattr(transform, "COSTLY_TOP_NODES", 6)
