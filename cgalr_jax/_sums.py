@@ -7,15 +7,18 @@ experiments.overhead``, section "untaken branch", measures it per cumulative
 sum; README, Performance). CG-ALR's measurement sits in
 such a branch of every training step, so the sums it needs are written here
 as matrix-vector products, which XLA keeps as products as long as one
-operand is a matrix, and as associative scans (slices and adds). Each is
-exact where its use needs it: counts of 0/1 values below 2^24, sums with a
-single nonzero term, integer prefix sums.
+operand is a matrix, and as associative scans (slices and adds); prefix
+sums of counts are products with triangular matrices where float32 holds
+them exactly (faster than the scan). Each is exact where its use needs it:
+counts of 0/1 values below 2^24, sums with a single nonzero term, integer
+prefix sums.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def matvec(m: jax.Array, v: jax.Array) -> jax.Array:
@@ -39,3 +42,35 @@ def cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
   """Inclusive cumulative sum along ``axis`` (``jnp.cumsum`` is a tree of
   reduce-windows on XLA:CPU); exact on integers."""
   return jax.lax.associative_scan(jnp.add, x, axis=axis)
+
+
+# Integer prefix sums through float32 products are exact while every
+# partial sum stays below 2^24.
+EXACT_COUNT_LIMIT = 1 << 24
+
+
+def count_cumsum(x: jax.Array, total_bound: int, axis: int = -1) -> jax.Array:
+  """Inclusive cumulative sum of int32 counts along ``axis``.
+
+  When ``total_bound`` (static: no partial sum's magnitude reaches it) is
+  below 2^24, the sum is a product with a triangular matrix of ones, in
+  128-wide tiles on axes longer than 512 (one product within the tiles,
+  one for the tiles' offsets): exact, and on XLA:CPU faster than the
+  associative scan at the radix selection's sizes (2^14 counts, rows of
+  64). Otherwise, or when a long axis is not a multiple of 128, the
+  associative scan.
+  """
+  axis = axis % x.ndim
+  n = x.shape[axis]
+  block = n if n <= 512 else 128
+  if total_bound >= EXACT_COUNT_LIMIT or n < 2 or n % block:
+    return cumsum(x, axis=axis)
+  moved = jnp.moveaxis(x, axis, -1).astype(jnp.float32)
+  upper = jnp.asarray(np.triu(np.ones((block, block), np.float32)))
+  tiles = moved.reshape(moved.shape[:-1] + (n // block, block))
+  within = jnp.dot(tiles, upper, precision=jax.lax.Precision.HIGHEST)
+  if n > block:
+    earlier = jnp.asarray(np.triu(np.ones((n // block,) * 2, np.float32), 1))
+    within = within + jnp.dot(within[..., -1], earlier,
+                              precision=jax.lax.Precision.HIGHEST)[..., None]
+  return jnp.moveaxis(within.reshape(moved.shape).astype(jnp.int32), -1, axis)

@@ -660,7 +660,8 @@ def _count(index: jax.Array, removed_index: jax.Array, size: int) -> jax.Array:
 def _slot_ids(bucket: jax.Array) -> jax.Array:
   """Dense ids 0, 1, ... of the distinct values of a non-decreasing array."""
   change = (bucket[1:] != bucket[:-1]).astype(jnp.int32)
-  return _sums.cumsum(jnp.concatenate([jnp.zeros((1,), jnp.int32), change]))
+  return _sums.count_cumsum(
+      jnp.concatenate([jnp.zeros((1,), jnp.int32), change]), bucket.shape[0])
 
 
 def _select_keys_device(keys: jax.Array, removed: jax.Array,
@@ -691,7 +692,7 @@ def _select_keys_device(keys: jax.Array, removed: jax.Array,
   digit, removed_digit = (_radix_digit(k, shift, _RADIX_DIGITS[0])
                           for k in (keys, removed))
   counts = _count(digit, removed_digit, 1 << _RADIX_DIGITS[0])
-  cumulative = _sums.cumsum(counts)
+  cumulative = _sums.count_cumsum(counts, keys.shape[0])
   bucket = jnp.searchsorted(cumulative, rank, side="right",
                             method="scan_unrolled").astype(jnp.int32)
   rank = rank - (cumulative[bucket] - counts[bucket])
@@ -711,7 +712,7 @@ def _select_keys_device(keys: jax.Array, removed: jax.Array,
                     jnp.where(removed_slot >= 0,
                               removed_slot * width + removed_digit, outside),
                     num * width).reshape(num, width)
-    cumulative = _sums.cumsum(counts[slot], axis=1)
+    cumulative = _sums.count_cumsum(counts[slot], keys.shape[0], axis=1)
     # A row count as a product (exact: at most 2^bits ones; see _sums).
     bucket = _sums.matvec(cumulative <= rank[:, None],
                           jnp.ones((width,))).astype(jnp.int32)

@@ -58,3 +58,32 @@ def test_total_wants_a_vector_and_stays_a_product():
     _sums.total(jnp.ones((2, 2)))
   text = jax.jit(_sums.total).lower(jnp.ones(500)).compile().as_text()
   assert re.search(r" dot\(", text) and not re.search(r" reduce\(", text)
+
+
+@pytest.mark.parametrize("shape,axis", [((16384,), 0), ((512,), 0), ((33,), 0),
+                                        ((512, 64), 1), ((3, 640), 1),
+                                        ((64, 5), 0), ((1000,), 0)])
+def test_count_cumsum_is_exact(shape, axis):
+  # Counts as the radix selection has them (its 2^14-entry histogram, its
+  # K x 64 rows, slot ids over K), a tiled long axis (640 = 5 x 128), a
+  # short leading axis, and a long axis that is not tiled (1000).
+  rng = np.random.default_rng(9)
+  x = rng.integers(0, 1000, size=shape, dtype=np.int32)
+  bound = int(np.abs(x).sum(axis=axis).max()) + 1
+  got = jax.jit(_sums.count_cumsum, static_argnums=(1, 2))(x, bound, axis)
+  np.testing.assert_array_equal(np.asarray(got),
+                                np.cumsum(x, axis=axis, dtype=np.int32))
+
+
+def test_count_cumsum_uses_products_only_below_two_to_the_24():
+  # Near 2^24 float32 stops holding every integer: 2^24 + 1 is lost.
+  x = np.zeros((16384,), np.int32)
+  x[0], x[1], x[-1] = (1 << 24), 1, 3
+  got = _sums.count_cumsum(jnp.asarray(x), _sums.EXACT_COUNT_LIMIT)
+  np.testing.assert_array_equal(np.asarray(got), np.cumsum(x, dtype=np.int32))
+  small = jnp.ones((16384,), jnp.int32)
+  product = jax.jit(_sums.count_cumsum, static_argnums=1).lower(
+      small, 16384).compile().as_text()
+  scan = jax.jit(_sums.count_cumsum, static_argnums=1).lower(
+      small, 1 << 24).compile().as_text()
+  assert re.search(r" dot\(", product) and not re.search(r" dot\(", scan)
