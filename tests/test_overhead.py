@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
-from cgalr_jax import topology
+from cgalr_jax import measure, topology, transform
 from experiments import overhead
 
 
@@ -56,6 +57,12 @@ def test_cli_writes_the_schema(tmp_path, capsys):
   assert set(dispatch) == {"sgd", "never_device", "never_host"}
   for times in dispatch.values():
     assert positive(times["returns_ms"]) and positive(times["ready_ms"])
+  never = result["never_cost"]
+  assert set(never["us_per_step"]) == set(overhead.NEVER_VARIANTS)
+  assert set(never["extra_us"]) == set(overhead.NEVER_VARIANTS)
+  assert never["extra_us"]["sgd"] == {"median": 0.0, "low": 0.0, "high": 0.0}
+  assert all(positive(v) for v in never["us_per_step"].values())
+  assert never["signals"] == 24 and never["rounds"] == 1
   assert result["state_bytes"] == {"4": result["state_bytes"]["4096"],
                                    "4096": result["state_bytes"]["4"]}
   assert isinstance(result["state_bytes"]["4"], int)
@@ -91,3 +98,23 @@ def test_cpu_model_reads_the_first_processor(tmp_path):
       "(implementer 0x41, part 0xd0c)")
   # No file: what the platform module knows, never an error.
   assert overhead._cpu_model_from(str(tmp_path / "missing"))
+
+
+def test_paired_differences_are_medians_of_round_differences():
+  times = {"a": np.array([1.0, 2.0, 10.0]), "b": np.array([1.5, 2.5, 10.2])}
+  out = overhead.paired_differences(times, "a", scale=10.0)
+  assert out["a"] == {"median": 0.0, "low": 0.0, "high": 0.0}
+  # Round differences 5, 5 and 2 (x 10): the median is 5, while the
+  # difference of the medians would also be 5 but that of the means 4.
+  assert out["b"]["median"] == pytest.approx(5.0)
+  assert 2.0 - 1e-9 <= out["b"]["low"] <= 5.0 <= out["b"]["high"] <= 5.0 + 1e-9
+
+
+def test_never_cost_stand_ins_are_put_back():
+  original = measure.summarise
+  with pytest.raises(RuntimeError):
+    with overhead._stubbed(("top", "gate")):
+      assert measure.summarise is not original
+      raise RuntimeError("boom")
+  assert measure.summarise is original
+  assert transform.fold.__module__ == "cgalr_jax.transform"
