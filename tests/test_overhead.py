@@ -40,6 +40,13 @@ def test_cli_writes_the_schema(tmp_path, capsys):
                                     "pool_default", "batch_every1",
                                     "batch_every10"}
   assert all(positive(v) for v in result["sources"].values())
+  paired = result["sources_paired"]
+  assert set(paired) == set(result["sources"])
+  assert paired["sgd"] == {"median": 1.0, "low": 1.0, "high": 1.0}
+  assert all(positive(r["median"]) and r["low"] <= r["median"] <= r["high"]
+             for r in paired.values())
+  assert set(result["step_paired"]["mlp"]) == set(result["step"]["mlp"]) - {
+      "cgalr_every1_ms", "cgalr_every10_ms", "cgalr_never_ms"}
   assert set(result["cadence"]["tiny"]) == {"sgd", "every10", "every50"}
   assert result["cadence_smallest_passing"] in (None, 10, 50)
   assert set(result["breakdown"]) == {
@@ -101,13 +108,19 @@ def test_cpu_model_reads_the_first_processor(tmp_path):
 
 
 def test_paired_differences_are_medians_of_round_differences():
-  times = {"a": np.array([1.0, 2.0, 10.0]), "b": np.array([1.5, 2.5, 10.2])}
+  # One round of b was slowed by a burst of load (4.0 against 1.0).
+  times = {"a": np.array([1.0, 2.0, 10.0]), "b": np.array([4.0, 2.2, 10.1])}
   out = overhead.paired_differences(times, "a", scale=10.0)
   assert out["a"] == {"median": 0.0, "low": 0.0, "high": 0.0}
-  # Round differences 5, 5 and 2 (x 10): the median is 5, while the
-  # difference of the medians would also be 5 but that of the means 4.
-  assert out["b"]["median"] == pytest.approx(5.0)
-  assert 2.0 - 1e-9 <= out["b"]["low"] <= 5.0 <= out["b"]["high"] <= 5.0 + 1e-9
+  # Round differences 30, 2 and 1: median 2, where the difference of the
+  # medians (4.0 - 2.0) would read 20.
+  assert out["b"]["median"] == pytest.approx(2.0)
+  assert 1.0 - 1e-9 <= out["b"]["low"] <= out["b"]["high"] <= 30.0 + 1e-9
+  # Ratios 4, 1.1 and 1.01: median 1.1, where the medians' ratio is 2.
+  ratios = overhead.paired_differences(times, "a", ratio=True)
+  assert ratios["a"] == {"median": 1.0, "low": 1.0, "high": 1.0}
+  assert ratios["b"]["median"] == pytest.approx(1.1)
+  assert 1.01 - 1e-9 <= ratios["b"]["low"] <= ratios["b"]["high"] <= 4.0
 
 
 def test_never_cost_stand_ins_are_put_back():
