@@ -492,6 +492,19 @@ TARGET_BATCH_EVERY10 = 1.15
 TARGET_RUN_GROWTH = 1.05  # digits and mnist5k MLP runs at the default cadence
 
 
+def _cycle(step: Callable, carry: dict, steps: int) -> Callable[[], None]:
+  """One timed repetition: ``steps`` training steps from ``carry`` (params
+  and optimizer state), which it then holds the result of."""
+  def cycle():
+    p, s = carry["params"], carry["opt_state"]
+    for _ in range(steps):
+      p, s, _ = step(p, s)
+    _block((p, s))
+    carry["params"], carry["opt_state"] = p, s
+
+  return cycle
+
+
 def time_variants(model, params, x, y, variants: dict, steps: int,
                   reps: int, rounds: dict | None = None) -> tuple[dict, dict]:
   """Median ms per step of each ``{name: (optimizer, passes_activations)}``,
@@ -503,16 +516,8 @@ def time_variants(model, params, x, y, variants: dict, steps: int,
     opt_state = optimizer.init(params)
     compiled, compile_ms[name] = compile_timed(
         make_step(model, optimizer, x, y, with_acts), params, opt_state)
-    carry = {"params": params, "opt_state": opt_state}
-
-    def cycle(c=compiled, carry=carry):
-      p, s = carry["params"], carry["opt_state"]
-      for _ in range(steps):
-        p, s, _ = c(p, s)
-      _block((p, s))
-      carry["params"], carry["opt_state"] = p, s
-
-    calls[name] = cycle
+    calls[name] = _cycle(compiled, {"params": params, "opt_state": opt_state},
+                         steps)
   times = time_rounds(calls, reps)
   if rounds is not None:
     rounds.update(times)
@@ -912,15 +917,7 @@ def bench_never(reps: int, quick: bool, log) -> dict:
       carry["params"], carry["opt_state"], _ = step(carry["params"],
                                                     carry["opt_state"])
       _block(carry)
-
-    def cycle(step=step, carry=carry):
-      p, s = carry["params"], carry["opt_state"]
-      for _ in range(NEVER_STEPS):
-        p, s, _ = step(p, s)
-      _block((p, s))
-      carry["params"], carry["opt_state"] = p, s
-
-    calls[name] = cycle
+    calls[name] = _cycle(step, carry, NEVER_STEPS)
   rounds = reps if quick else max(reps, NEVER_ROUNDS)
   times = time_rounds(calls, rounds)
   us = 1e6 / NEVER_STEPS
