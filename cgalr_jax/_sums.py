@@ -54,23 +54,28 @@ def count_cumsum(x: jax.Array, total_bound: int, axis: int = -1) -> jax.Array:
 
   When ``total_bound`` (static: no partial sum's magnitude reaches it) is
   below 2^24, the sum is a product with a triangular matrix of ones, in
-  128-wide tiles on axes longer than 512 (one product within the tiles,
-  one for the tiles' offsets): exact, and on XLA:CPU faster than the
-  associative scan at the radix selection's sizes (2^14 counts, rows of
-  64). Otherwise, or when a long axis is not a multiple of 128, the
-  associative scan.
+  tiles of 128 on longer axes (zero-padded to whole tiles; one product
+  within the tiles, one for their offsets): exact, and on XLA:CPU faster
+  than the associative scan at the radix selection's sizes (2^14 counts,
+  rows of 64, K slot ids). Otherwise the associative scan.
   """
   axis = axis % x.ndim
   n = x.shape[axis]
-  block = n if n <= 512 else 128
-  if total_bound >= EXACT_COUNT_LIMIT or n < 2 or n % block:
+  if total_bound >= EXACT_COUNT_LIMIT or n < 2:
     return cumsum(x, axis=axis)
+  block = min(n, _TILE)
+  tiles = -(-n // block)
   moved = jnp.moveaxis(x, axis, -1).astype(jnp.float32)
+  padded = jnp.pad(moved, [(0, 0)] * (x.ndim - 1) + [(0, tiles * block - n)])
   upper = jnp.asarray(np.triu(np.ones((block, block), np.float32)))
-  tiles = moved.reshape(moved.shape[:-1] + (n // block, block))
-  within = jnp.dot(tiles, upper, precision=jax.lax.Precision.HIGHEST)
-  if n > block:
-    earlier = jnp.asarray(np.triu(np.ones((n // block,) * 2, np.float32), 1))
+  within = jnp.dot(padded.reshape(moved.shape[:-1] + (tiles, block)), upper,
+                   precision=jax.lax.Precision.HIGHEST)
+  if tiles > 1:
+    earlier = jnp.asarray(np.triu(np.ones((tiles, tiles), np.float32), 1))
     within = within + jnp.dot(within[..., -1], earlier,
                               precision=jax.lax.Precision.HIGHEST)[..., None]
-  return jnp.moveaxis(within.reshape(moved.shape).astype(jnp.int32), -1, axis)
+  out = within.reshape(padded.shape)[..., :n].astype(jnp.int32)
+  return jnp.moveaxis(out, -1, axis)
+
+
+_TILE = 128  # count_cumsum's tile: a 64 KB triangular constant

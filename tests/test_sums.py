@@ -62,11 +62,12 @@ def test_total_wants_a_vector_and_stays_a_product():
 
 @pytest.mark.parametrize("shape,axis", [((16384,), 0), ((512,), 0), ((33,), 0),
                                         ((512, 64), 1), ((3, 640), 1),
-                                        ((64, 5), 0), ((1000,), 0)])
+                                        ((64, 5), 0), ((1000,), 0),
+                                        ((2, 129, 3), 1)])
 def test_count_cumsum_is_exact(shape, axis):
   # Counts as the radix selection has them (its 2^14-entry histogram, its
-  # K x 64 rows, slot ids over K), a tiled long axis (640 = 5 x 128), a
-  # short leading axis, and a long axis that is not tiled (1000).
+  # K x 64 rows, slot ids over K), whole tiles (640 = 5 x 128), a short
+  # leading axis, and axes padded to whole tiles (1000, 129).
   rng = np.random.default_rng(9)
   x = rng.integers(0, 1000, size=shape, dtype=np.int32)
   bound = int(np.abs(x).sum(axis=axis).max()) + 1
