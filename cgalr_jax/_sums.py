@@ -50,15 +50,16 @@ EXACT_COUNT_LIMIT = 1 << 24
 
 
 def count_cumsum(x: jax.Array, total_bound: int, axis: int = -1) -> jax.Array:
-  """Inclusive cumulative sum of int32 counts along ``axis``.
+  """Inclusive cumulative sum of non-negative counts along ``axis``, int32.
 
-  When ``total_bound`` (static: no partial sum's magnitude reaches it) is
+  When ``total_bound`` (static: no row's total exceeds it) is
   below 2^24, the sum is a product with a triangular matrix of ones, in
   tiles of 128 on longer axes (zero-padded to whole tiles; one product
   within the tiles, one for their offsets): exact, and on XLA:CPU faster
   than the associative scan at the radix selection's sizes (2^14 counts,
   rows of 64, K slot ids). Otherwise the associative scan.
   """
+  x = jnp.asarray(x).astype(jnp.int32)
   axis = axis % x.ndim
   n = x.shape[axis]
   if total_bound >= EXACT_COUNT_LIMIT or n < 2:

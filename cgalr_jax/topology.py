@@ -744,7 +744,9 @@ def top_summary_device(m: jax.Array, resolution: int) -> jax.Array:
   Returns:
     float32 ``[2, K]``: row 0 the birth quantiles, row 1 the death
     quantiles (zeros where a set is empty). Bit-identical to
-    :func:`top_summary_host`.
+    :func:`top_summary_host` when ``m`` holds no -0.0 (a connectome's
+    zeros are +0.0); where it holds both zeros, the two may return
+    different ones, equal as numbers.
   """
   return _top_summary_device(m, resolution, radix=None)
 

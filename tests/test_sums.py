@@ -88,3 +88,10 @@ def test_count_cumsum_uses_products_only_below_two_to_the_24():
   scan = jax.jit(_sums.count_cumsum, static_argnums=1).lower(
       small, 1 << 24).compile().as_text()
   assert re.search(r" dot\(", product) and not re.search(r" dot\(", scan)
+
+
+@pytest.mark.parametrize("bound", [10, 1 << 24])
+def test_count_cumsum_returns_int32_on_both_paths(bound):
+  got = _sums.count_cumsum(jnp.ones((5,), jnp.int8), bound)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(got), np.arange(1, 6))
