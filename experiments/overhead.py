@@ -864,7 +864,10 @@ _NEVER_STUBS = {
 NEVER_VARIANTS = {  # name: stubs in force while its step compiles
     "sgd": None, "state4": None, "never": (), "never_no_radix": ("radix",),
     "never_no_prim": ("prim",), "never_no_top": ("top",),
-    "never_no_top_correlation_gate": ("top", "correlation", "gate")}
+    "never_no_top_correlation_gate": ("top", "correlation", "gate"),
+    # The same two steps without donating their inputs (the other section's
+    # steps, and many training loops, do not donate).
+    "sgd_undonated": None, "never_undonated": ()}
 
 
 @contextlib.contextmanager
@@ -890,7 +893,8 @@ def bench_never(reps: int, quick: bool, log) -> dict:
   measures; and the same with parts of its measuring branch replaced by
   stand-ins (the radix selection, Prim's tree, the whole TOP summary; the
   summary, the correlation and the gate's fold): what a part costs is the
-  difference it makes, though it never runs."""
+  difference it makes, though it never runs. ``undonated_extra_us``: the
+  step that never measures against plain SGD, neither donating."""
   from experiments import models as models_lib  # pylint: disable=import-outside-toplevel
 
   hidden, probe_size = ((16, 8), 64) if quick else ((128, 64), PROBE_SIZE)
@@ -903,7 +907,7 @@ def bench_never(reps: int, quick: bool, log) -> dict:
       rng.normal(size=(probe_size, 64)).astype(np.float32)))
   calls = {}
   for name, stubs in NEVER_VARIANTS.items():
-    if name == "sgd":
+    if name.startswith("sgd"):
       optimizer = optax.sgd(0.01, 0.9)
     elif name == "state4":
       optimizer = optax.chain(optax.trace(0.9), _pass_through(4),
@@ -914,7 +918,8 @@ def bench_never(reps: int, quick: bool, log) -> dict:
     carry = {"params": jax.tree.map(jnp.copy, params),
              "opt_state": optimizer.init(params)}
     with _stubbed(stubs or ()):
-      step = jax.jit(make_step(model, optimizer, x, y), donate_argnums=(0, 1))
+      step = jax.jit(make_step(model, optimizer, x, y), donate_argnums=(
+          () if name.endswith("undonated") else (0, 1)))
       carry["params"], carry["opt_state"], _ = step(carry["params"],
                                                     carry["opt_state"])
       _block(carry)
@@ -922,16 +927,20 @@ def bench_never(reps: int, quick: bool, log) -> dict:
   rounds = reps if quick else max(reps, NEVER_ROUNDS)
   times = time_rounds(calls, rounds)
   us = 1e6 / NEVER_STEPS
+  undonated = {k: times.pop(k) for k in ("sgd_undonated", "never_undonated")}
   result = {"signals": sum(model.hidden), "batch": NEVER_BATCH,
             "steps": NEVER_STEPS, "rounds": rounds,
             "us_per_step": {k: us * float(np.median(t))
-                            for k, t in times.items()},
-            "extra_us": paired_differences(times, "sgd", us)}
+                            for k, t in {**times, **undonated}.items()},
+            "extra_us": paired_differences(times, "sgd", us),
+            "undonated_extra_us": paired_differences(
+                undonated, "sgd_undonated", us)["never_undonated"]}
   log("  never-measuring step (small MLP, P="
       f"{result['signals']}): sgd {result['us_per_step']['sgd']:.1f} us; "
       "extra " + ", ".join(f"{k} {v['median']:+.1f} us"
                            for k, v in result["extra_us"].items()
-                           if k != "sgd"))
+                           if k != "sgd")
+      + f"; not donating: {result['undonated_extra_us']['median']:+.1f} us")
   return {"never_cost": result}
 
 
@@ -1221,7 +1230,9 @@ def table(result: dict) -> str:
               "by stand-ins:"] + [
                   f"  {k:<30} {v['median']:+6.1f} ({v['low']:+.1f} to "
                   f"{v['high']:+.1f})"
-                  for k, v in n["extra_us"].items() if k != "sgd"]
+                  for k, v in {**n["extra_us"], "never, both not donating":
+                               n["undonated_extra_us"]}.items()
+                  if k != "sgd"]
   if "state_bytes" in result:
     lines += ["", "State bytes after a measurement: " + ", ".join(
         f"P={p}: {n}" for p, n in result["state_bytes"].items())]
