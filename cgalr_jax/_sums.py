@@ -47,6 +47,7 @@ def cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
 # Integer prefix sums through float32 products are exact while every
 # partial sum stays below 2^24.
 EXACT_COUNT_LIMIT = 1 << 24
+_TILE = 128  # count_cumsum's tile: a 64 KB triangular constant
 
 
 def count_cumsum(x: jax.Array, total_bound: int, axis: int = -1) -> jax.Array:
@@ -77,6 +78,3 @@ def count_cumsum(x: jax.Array, total_bound: int, axis: int = -1) -> jax.Array:
                               precision=jax.lax.Precision.HIGHEST)[..., None]
   out = within.reshape(padded.shape)[..., :n].astype(jnp.int32)
   return jnp.moveaxis(out, -1, axis)
-
-
-_TILE = 128  # count_cumsum's tile: a 64 KB triangular constant
