@@ -1,24 +1,25 @@
 """Sums as matrix products and scans instead of reductions.
 
-On XLA:CPU every reduction-like operation in a compiled program (reduce,
-reduce-window, scatter, sort) costs each run of the program a little, even
-inside a ``lax.cond`` branch that does not run (``python -m
-experiments.overhead``, section "untaken branch", measures it per cumulative
-sum; README, Performance). CG-ALR's measurement sits in
-such a branch of every training step, so the sums it needs are written here
-as matrix-vector products, which XLA keeps as products as long as one
-operand is a matrix, and as associative scans (slices and adds); prefix
-sums of counts are products with triangular matrices where float32 holds
-them exactly (faster than the scan). Each is exact where its use needs it:
-counts of 0/1 values below 2^24, sums with a single nonzero term, integer
-prefix sums.
+Every run of a compiled XLA:CPU program sets up a table of the program's
+buffers, and in it each constant and each value of a reduction's, scatter's
+or sort's combining function is a small heap object, allocated and freed at
+every run even where it sits inside a ``lax.cond`` branch that does not run
+(with glibc's malloc about a quarter of a microsecond each; ``python -m
+experiments.overhead``, sections "untaken branch" and "never-measuring
+step"; README, Performance). CG-ALR's measurement sits in such a branch of
+every training step, so the sums it needs are written here as
+matrix-vector products, which XLA keeps as products as long as one operand
+is a matrix, and as associative scans (slices and adds); prefix sums of
+counts are products with triangular matrices of ones, built from iotas
+rather than held as constants, where float32 holds them exactly (faster
+than the scan). Each is exact where its use needs it: counts of 0/1 values
+below 2^24, sums with a single nonzero term, integer prefix sums.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def matvec(m: jax.Array, v: jax.Array) -> jax.Array:
@@ -47,7 +48,18 @@ def cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
 # Integer prefix sums through float32 products are exact while every
 # partial sum stays below 2^24.
 EXACT_COUNT_LIMIT = 1 << 24
-_TILE = 128  # count_cumsum's tile: a 64 KB triangular constant
+_TILE = 128  # count_cumsum's tile: a 128 x 128 triangle of ones
+
+
+def triangle(n: int, strict: bool = False) -> jax.Array:
+  """``[n, n]`` float32 upper triangle of ones (above the diagonal only
+  where ``strict``), built from iotas rather than held as a constant: each
+  array constant of a compiled program is a buffer that every run of it
+  sets up, even inside a branch that does not run; an iota comparison is
+  computed only where it runs."""
+  row = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+  col = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
+  return ((row < col) if strict else (row <= col)).astype(jnp.float32)
 
 
 def count_cumsum(x: jax.Array, total_bound: int, axis: int = -1) -> jax.Array:
@@ -69,12 +81,11 @@ def count_cumsum(x: jax.Array, total_bound: int, axis: int = -1) -> jax.Array:
   tiles = -(-n // block)
   moved = jnp.moveaxis(x, axis, -1).astype(jnp.float32)
   padded = jnp.pad(moved, [(0, 0)] * (x.ndim - 1) + [(0, tiles * block - n)])
-  upper = jnp.asarray(np.triu(np.ones((block, block), np.float32)))
-  within = jnp.dot(padded.reshape(moved.shape[:-1] + (tiles, block)), upper,
+  within = jnp.dot(padded.reshape(moved.shape[:-1] + (tiles, block)),
+                   triangle(block),
                    precision=jax.lax.Precision.HIGHEST)
   if tiles > 1:
-    earlier = jnp.asarray(np.triu(np.ones((tiles, tiles), np.float32), 1))
-    within = within + jnp.dot(within[..., -1], earlier,
+    within = within + jnp.dot(within[..., -1], triangle(tiles, strict=True),
                               precision=jax.lax.Precision.HIGHEST)[..., None]
   out = within.reshape(padded.shape)[..., :n].astype(jnp.int32)
   return jnp.moveaxis(out, -1, axis)

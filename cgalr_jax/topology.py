@@ -79,6 +79,20 @@ def quantile_ranks(n: int, resolution: int) -> np.ndarray:
   return ((2 * k + 1) * int(n)) // (2 * resolution)
 
 
+def _quantile_ranks_device(n: int, resolution: int) -> jax.Array:
+  """:func:`quantile_ranks` as int32, computed from an iota where it is used
+  (an array constant is a buffer every run of a compiled program sets up,
+  even in a branch that does not run). With ``n = 2Kq + r``, ``floor((2k +
+  1) n / 2K) = (2k + 1) q + floor((2k + 1) r / 2K)``: exact in int32 for
+  ``n < 2^31`` and ``K < 23170``."""
+  two_k = 2 * int(resolution)
+  if two_k * two_k >= 1 << 31 or int(n) >= 1 << 31:
+    return jnp.asarray(quantile_ranks(n, resolution), jnp.int32)
+  q, r = divmod(int(n), two_k)
+  odd = 2 * jax.lax.iota(jnp.int32, int(resolution)) + 1
+  return odd * q + (odd * r) // two_k
+
+
 def _death_ranks_to_edge_ranks(removed, ranks, xp):
   """Positions in the sorted edge list of the given death-set ranks.
 
@@ -679,15 +693,14 @@ def _select_keys_device(keys: jax.Array, removed: jax.Array,
   Args:
     keys: int32 keys (:func:`_float_keys`) ``[n]``.
     removed: int32 keys ``[m]`` to take out, one copy each.
-    ranks: static ascending ranks ``[K]`` (any sequence), each below
-      ``n - m``.
+    ranks: ascending ranks ``[K]`` (any sequence or int array), each
+      below ``n - m``.
 
   Returns:
     int32 keys ``[K]``.
   """
-  ranks = np.asarray(ranks)
-  num = ranks.shape[0]
   rank = jnp.asarray(ranks, jnp.int32)
+  num = rank.shape[0]
   shift = 32 - _RADIX_DIGITS[0]
   digit, removed_digit = (_radix_digit(k, shift, _RADIX_DIGITS[0])
                           for k in (keys, removed))
@@ -764,12 +777,12 @@ def _top_summary_device(m, resolution: int, radix: bool | None) -> jax.Array:
   # second time.
   keys = _float_keys(m)
   births = jax.lax.sort(_tree_keys_device(keys))
-  birth_q = _keys_to_floats(births[quantile_ranks(n_b, resolution)])
+  birth_q = _keys_to_floats(births[_quantile_ranks_device(n_b, resolution)])
   if n_d == 0:
     return jnp.stack([birth_q, jnp.zeros_like(birth_q)])
   flat = upper_indices(p)
   edges = keys.reshape(-1)[flat]
-  death_ranks = quantile_ranks(n_d, resolution)
+  death_ranks = _quantile_ranks_device(n_d, resolution)
   if radix is None:
     radix = edges.shape[0] >= _RADIX_MIN_EDGES
   if radix:
@@ -777,8 +790,7 @@ def _top_summary_device(m, resolution: int, radix: bool | None) -> jax.Array:
   else:
     edges = jax.lax.sort(edges)
     removed = _birth_positions(edges, births, jnp)
-    death_q = edges[_death_ranks_to_edge_ranks(
-        removed, jnp.asarray(death_ranks), jnp)]
+    death_q = edges[_death_ranks_to_edge_ranks(removed, death_ranks, jnp)]
   return jnp.stack([birth_q, _keys_to_floats(death_q)])
 
 

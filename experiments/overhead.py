@@ -49,10 +49,13 @@ shared machine.
    and a whole measuring update per backend.
 7. ``untaken``: what a ``lax.cond`` branch that never runs adds to the
    reference MLP step per operation it holds (100 cumulative sums, 100 of
-   the same sums as associative scans, or 100 matrix-vector products; on
-   XLA:CPU reduction-like operations cost every run of the program), and
-   how many reduction-like operations CG-ALR's measuring branch adds to
-   the compiled step.
+   the same sums as associative scans, 100 matrix-vector products, or 100
+   products with distinct constant vectors), how many reduction-like
+   operations CG-ALR's measuring branch adds to the compiled step, and the
+   buffers that every run of the compiled step sets up whether or not the
+   branch runs (``per_run_buffers``: its constants and the values of its
+   reductions', scatters' and sorts' combining functions, each a small
+   allocation and free at every run of an XLA:CPU program).
 8. ``runs``: whole training runs of the experiments' digits and mnist5k
    MLPs through ``experiments/train.py``, ungated envelope against CG-ALR
    at the default ``every`` and against CG-ALR that measures only at its
@@ -76,6 +79,10 @@ shared machine.
    Code that never runs still costs each run of an XLA:CPU program, so a
    part's cost is the difference its stand-in makes; medians of per-round
    differences over 150 paired rounds, with bootstrap 95% intervals.
+12. ``allocator`` (only with ``--allocator LIBRARY``): sections 4 and 11
+   again in a child process with ``LIBRARY`` preloaded (``LD_PRELOAD``),
+   for example tcmalloc, whose small allocations cost far less than
+   glibc's aligned ones.
 
 Activations are synthetic but structured: a LeakyReLU layer of random
 weights on 64 shared Gaussian inputs, so signals correlate like a hidden
@@ -93,7 +100,9 @@ import math
 import os
 import platform
 import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -721,7 +730,11 @@ def _branch_scale(kind: str, count: int) -> optax.GradientTransformation:
   """Multiplies updates by a scalar that a ``lax.cond`` branch would change
   once every 2^30 updates; the branch holds ``count`` small operations of
   one ``kind``: cumulative sums (reduce-windows), the same sums as
-  associative scans (slices and adds), or matrix-vector products."""
+  associative scans (slices and adds), matrix-vector products, or
+  elementwise products with distinct constant vectors."""
+  rng = np.random.default_rng(0)
+  constants = rng.uniform(0.5, 1.5, (count, 16)).astype(np.float32)
+
   def branch(v):
     w = jnp.arange(16.0, dtype=jnp.float32) * v
     mat = jnp.ones((16, 16), jnp.float32) / 16
@@ -730,6 +743,8 @@ def _branch_scale(kind: str, count: int) -> optax.GradientTransformation:
         w = jnp.cumsum(w * 1.01 + i)
       elif kind == "scan":  # the library's replacement for jnp.cumsum
         w = sums_lib.cumsum(w * 1.01 + i)
+      elif kind == "constant":
+        w = w[::-1] * jnp.asarray(constants[i]) + i
       else:
         w = jnp.tanh(sums_lib.matvec(mat, w) + i)
     return w[0]
@@ -749,6 +764,49 @@ def _branch_scale(kind: str, count: int) -> optax.GradientTransformation:
 
 # Reduction-like operations in a compiled program's text (XLA HLO).
 REDUCTION_OPS = re.compile(r" (?:reduce|reduce-window|scatter|sort)\(")
+_COMPUTATION = re.compile(r"(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_INSTRUCTION = re.compile(r"\s+(?:ROOT )?%?[\w.\-]+ = (.*)$")
+_REGION_USE = re.compile(r"(?:to_apply|comparator)=%?([\w.\-]+)")
+_FUSION_USE = re.compile(r"calls=%?([\w.\-]+)")
+_CONSTANT = re.compile(r"\bconstant\(")
+_ALIASING = re.compile(r"\b(?:bitcast|get-tuple-element)\(")
+
+
+def per_run_buffers(hlo_text: str) -> dict[str, int]:
+  """Buffers of a compiled XLA:CPU program that cost every run of it.
+
+  For each run, XLA:CPU's client builds a table of the program's buffers in
+  which every constant outside a fusion and every value of a reduction's,
+  scatter's or sort's combining function (a "thread-local" buffer) is a
+  small heap object of its own, allocated and freed even where it sits in
+  a ``lax.cond`` branch that does not run. Counted from the optimised HLO
+  text (``jax.jit(f).lower(...).compile().as_text()``): ``constants`` and
+  ``region_values`` (a combining function's values other than its
+  constants, bitcasts and tuple elements, which share a buffer).
+  """
+  computations: dict[str, list[str]] = {}
+  body: list[str] = []
+  for line in hlo_text.splitlines():
+    if not line.startswith(" "):
+      head = _COMPUTATION.match(line)
+      if head:
+        body = computations.setdefault(head.group(1), [])
+      continue
+    instruction = _INSTRUCTION.match(line)
+    if instruction:
+      body.append(instruction.group(1))
+  fused = set(_FUSION_USE.findall(hlo_text))
+  regions = set(_REGION_USE.findall(hlo_text))
+  counts = {"constants": 0, "region_values": 0}
+  for name, instructions in computations.items():
+    if name in fused:
+      continue
+    for instruction in instructions:
+      if _CONSTANT.search(instruction):
+        counts["constants"] += 1
+      elif name in regions and not _ALIASING.search(instruction):
+        counts["region_values"] += 1
+  return counts
 
 
 def bench_untaken(reps: int, quick: bool, log) -> dict:
@@ -763,27 +821,33 @@ def bench_untaken(reps: int, quick: bool, log) -> dict:
                                 optax.scale_by_learning_rate(0.01))
   variants = {"sgd": (optax.sgd(0.01, 0.9), False),
               "empty": (chain(_branch_scale("matvec", 0)), False)}
+  kinds = ("cumsum", "scan", "matvec", "constant")
   variants.update({kind: (chain(_branch_scale(kind, count)), False)
-                   for kind in ("cumsum", "scan", "matvec")})
+                   for kind in kinds})
   per_step, _ = time_variants(model, params, x, y, variants, CYCLE,
                               max(reps, 50))
   per_op_us = {kind: 1e3 * (per_step[kind] - per_step["empty"]) / count
-               for kind in ("cumsum", "scan", "matvec")}
+               for kind in kinds}
 
-  def reductions(optimizer):
-    text = jax.jit(make_step(model, optimizer, x, y)).lower(
+  def compiled_text(optimizer):
+    return jax.jit(make_step(model, optimizer, x, y)).lower(
         params, optimizer.init(params)).compile().as_text()
-    return len(REDUCTION_OPS.findall(text))
 
-  extra = (reductions(cgalr_jax.cgalr(0.01, 0.9, probe=probe))
-           - reductions(optax.sgd(0.01, 0.9)))
+  ours, plain = (compiled_text(o) for o in (
+      cgalr_jax.cgalr(0.01, 0.9, probe=probe), optax.sgd(0.01, 0.9)))
+  extra = (len(REDUCTION_OPS.findall(ours))
+           - len(REDUCTION_OPS.findall(plain)))
+  buffers = {name: per_run_buffers(text)
+             for name, text in (("cgalr", ours), ("sgd", plain))}
   log(f"  untaken branch ({count} ops): " + ", ".join(
       f"{k} {v:.3f} ms" for k, v in per_step.items()) + "; per op "
       + ", ".join(f"{k} {v:.2f} us" for k, v in per_op_us.items())
-      + f"; CG-ALR adds {extra} reduction-like ops")
+      + f"; CG-ALR adds {extra} reduction-like ops; per-run buffers "
+      + ", ".join(f"{k} {v}" for k, v in buffers.items()))
   return {"untaken": {"ops": count, "step_ms": per_step,
                       "per_op_us": per_op_us,
-                      "cgalr_extra_reductions": extra}}
+                      "cgalr_extra_reductions": extra,
+                      "per_run_buffers": buffers}}
 
 
 def bench_dispatch(reps: int, quick: bool, log) -> dict:
@@ -945,6 +1009,44 @@ def bench_never(reps: int, quick: bool, log) -> dict:
 
 
 # ----------------------------------------------------------------------------
+# The same steps with another malloc.
+
+
+def _allocator_child(reps: int, quick: bool, path: str) -> None:
+  """The ``sources`` and ``never_cost`` sections, written to ``path`` (run
+  by :func:`bench_allocator` in a child process)."""
+  result = {"device": device_description()}
+  result.update(bench_sources(reps, quick, print))
+  result.update(bench_never(reps, quick, print))
+  Path(path).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def bench_allocator(library: str, reps: int, quick: bool, log) -> dict:
+  """The reference MLP's sources and the never-measuring step again, in a
+  child process with ``library`` preloaded (``LD_PRELOAD``), for example
+  tcmalloc: every run of an XLA:CPU program allocates and frees a small
+  object per constant and per combining-function value
+  (:func:`per_run_buffers`), so the C library's ``malloc`` sets much of the
+  fixed cost of a step."""
+  if not os.path.isfile(library):
+    raise FileNotFoundError(f"--allocator: no such file: {library}")
+  root = str(Path(__file__).resolve().parents[1])
+  env = dict(os.environ, LD_PRELOAD=library, PYTHONPATH=os.pathsep.join(
+      [root] + [p for p in os.environ.get("PYTHONPATH", "").split(
+          os.pathsep) if p]))
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "allocator.json")
+    subprocess.run(
+        [sys.executable, "-c", "import sys; from experiments import overhead; "
+         "overhead._allocator_child(int(sys.argv[1]), sys.argv[2] == '1', "
+         "sys.argv[3])", str(reps), "1" if quick else "0", path],
+        env=env, check=True, cwd=root, stdin=subprocess.DEVNULL)
+    child = json.loads(Path(path).read_text())
+  log(f"  with {library}: see the lines above")
+  return {"allocator": {"preload": library, **child}}
+
+
+# ----------------------------------------------------------------------------
 # 5. State size.
 
 
@@ -1002,7 +1104,8 @@ def device_description() -> str:
   return (f"{jax.default_backend()} ({dev.device_kind}); host {cpu_model()}, "
           f"{os.cpu_count()} cores, NumPy float32 sort "
           f"{measure.host_sort_ns_per_element():.1f} ns/element; "
-          f"jax {jax.__version__}, numpy {np.__version__}")
+          f"jax {jax.__version__}, numpy {np.__version__}; "
+          f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '') or '(none)'}")
 
 
 def faster_backend(result: dict, p: str) -> str:
@@ -1215,7 +1318,22 @@ def table(result: dict) -> str:
               " in it: added per step and operation (us): " + ", ".join(
                   f"{k} {v:.2f}" for k, v in u["per_op_us"].items())
               + f"; CG-ALR's measuring branch adds "
-              f"{u['cgalr_extra_reductions']} reduction-like operations"]
+              f"{u['cgalr_extra_reductions']} reduction-like operations; "
+              "buffers set up at every run (constants, combining-function "
+              "values): " + ", ".join(
+                  f"{k} {v['constants']} / {v['region_values']}"
+                  for k, v in u["per_run_buffers"].items())]
+  if "allocator" in result:
+    a = result["allocator"]
+    paired = a["sources_paired"]
+    lines += ["", f"With {a['preload']} preloaded (a child process): "
+              "sources, median of per-round ratios to SGD (95%): " + ", ".join(
+                  f"{k} {v['median']:.3f}x ({v['low']:.3f}-{v['high']:.3f})"
+                  for k, v in paired.items() if k != "sgd")
+              + f"; SGD {a['sources']['sgd']:.2f} ms a step (here "
+              f"{result['sources']['sgd']:.2f}); never measuring, small MLP: "
+              f"{a['never_cost']['extra_us']['never']['median']:+.1f} us "
+              f"(here {result['never_cost']['extra_us']['never']['median']:+.1f})"]
   if "dispatch" in result:
     lines += ["", "One step at a time, ms until the call returns / until "
               "its result is ready: " + ", ".join(
@@ -1279,6 +1397,7 @@ def run(out: Path, *, sizes: Sequence[int] = SIZES,
         wd_reference_sizes: Sequence[int] = WD_REFERENCE_SIZES,
         state_sizes: Sequence[int] = STATE_SIZES, reps: int = 20,
         ripser_limit: float = 60.0, quick: bool = False,
+        allocator: str | None = None,
         log: Callable[[str], None] = print) -> dict:
   """Runs every part of the benchmark and writes ``out/overhead.json``."""
   start = time.perf_counter()
@@ -1306,6 +1425,9 @@ def run(out: Path, *, sizes: Sequence[int] = SIZES,
   }
   if not quick:  # whole runs compile several programs: not for the smoke test
     sections["training runs"] = lambda: bench_runs(reps, quick, log)
+  if allocator:
+    sections["allocator"] = lambda: bench_allocator(allocator, reps, quick,
+                                                    log)
   result["section_seconds"] = {}
   for name, section in sections.items():
     log(name)
@@ -1349,14 +1471,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       help="seconds before plain ripser is '> limit'")
   parser.add_argument("--quick", action="store_true",
                       help="tiny training models (smoke test only)")
+  parser.add_argument("--allocator", metavar="LIBRARY",
+                      help="also time the sources and the never-measuring "
+                      "step with this malloc preloaded (for example "
+                      "libtcmalloc_minimal.so.4)")
   args = parser.parse_args(argv)
+  if args.allocator and not os.path.isfile(args.allocator):
+    parser.error(f"--allocator: no such file: {args.allocator}")
   if args.reps < 20 and not args.quick:
     print(f"note: --reps {args.reps} < 20; the targets call for >= 20",
           file=sys.stderr)
   return run(args.out, sizes=args.sizes, wd_sizes=args.wd_sizes,
              wd_reference_sizes=args.wd_reference_sizes,
              state_sizes=args.state_sizes, reps=args.reps,
-             ripser_limit=args.ripser_limit, quick=args.quick)
+             ripser_limit=args.ripser_limit, quick=args.quick,
+             allocator=args.allocator)
 
 
 if __name__ == "__main__":

@@ -56,10 +56,14 @@ def test_cli_writes_the_schema(tmp_path, capsys):
   assert result["breakdown_signals"] == 24  # the tiny MLP's 16 + 8
   untaken = result["untaken"]
   assert set(untaken["step_ms"]) == {"sgd", "empty", "cumsum", "scan",
-                                     "matvec"}
+                                     "matvec", "constant"}
   assert all(positive(v) for v in untaken["step_ms"].values())
-  assert set(untaken["per_op_us"]) == {"cumsum", "scan", "matvec"}
+  assert set(untaken["per_op_us"]) == {"cumsum", "scan", "matvec",
+                                       "constant"}
   assert 0 < untaken["cgalr_extra_reductions"] <= 24
+  buffers = untaken["per_run_buffers"]
+  assert all(buffers["cgalr"][k] > buffers["sgd"][k] >= 0
+             for k in ("constants", "region_values"))
   dispatch = result["dispatch"]
   assert set(dispatch) == {"sgd", "never_device", "never_host"}
   for times in dispatch.values():
@@ -133,3 +137,79 @@ def test_never_cost_stand_ins_are_put_back():
       raise RuntimeError("boom")
   assert measure.summarise is original
   assert transform.fold.__module__ == "cgalr_jax.transform"
+
+
+_BUFFERS_CHILD = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax import lax
+from experiments.overhead import per_run_buffers
+c = np.linspace(0.5, 1.5, 16, dtype=np.float32)
+
+def branchy(x, flag):
+  def heavy(x):
+    y = x * jnp.asarray(c) + jnp.asarray(c[::-1] ** 2) * x[::-1]
+    y = y + jnp.sum(y) * jnp.max(y)
+    return jnp.sort(y).at[jnp.argmax(y)].add(1.0)
+  return lax.cond(flag, heavy, lambda x: x, x)
+
+text = jax.jit(branchy).lower(jnp.ones(16), True).compile().as_text()
+print(json.dumps(per_run_buffers(text)))
+"""
+
+
+def test_per_run_buffers_match_xla_buffer_assignment(tmp_path):
+  """The count read off the HLO text against XLA's own buffer assignment
+  (dumped by a child process): its constant and thread-local allocations."""
+  import os  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  import re  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={tmp_path}",
+             JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+  out = subprocess.run([sys.executable, "-c", _BUFFERS_CHILD], env=env,
+                       capture_output=True, text=True, check=True, timeout=300)
+  counted = json.loads(out.stdout.strip().splitlines()[-1])
+  (assignment,) = tmp_path.glob("*jit_branchy*buffer-assignment.txt")
+  kinds = re.findall(r"^allocation \d+: size \d+, (.*):$",
+                     assignment.read_text(), re.M)
+  assert counted == {
+      "constants": sum("constant" in k for k in kinds),
+      "region_values": sum("thread-local" in k for k in kinds)}
+  assert counted["constants"] >= 2 and counted["region_values"] >= 9
+
+
+def _loaded_libc() -> str | None:
+  """Path of the C library this process runs with (Linux), or None."""
+  try:
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+      for line in maps:
+        path = line.split()[-1]
+        if "/libc.so" in path or "/libc-" in path:
+          return path
+  except OSError:
+    pass
+  return None
+
+
+def test_allocator_reruns_sources_and_never_cost_in_a_child(capsys):
+  libc = _loaded_libc()
+  if libc is None:
+    pytest.skip("no /proc/self/maps naming the C library")
+  # Preloading the C library the child loads anyway changes nothing but
+  # takes the whole path: child process, environment, JSON back.
+  got = overhead.bench_allocator(libc, 1, True, print)["allocator"]
+  assert got["preload"] == libc
+  assert f"LD_PRELOAD={libc}" in got["device"]
+  assert set(got["sources_paired"]) == {"sgd", "probe_default",
+                                        "probe_every100", "pool_default",
+                                        "batch_every1", "batch_every10"}
+  assert set(got["never_cost"]["extra_us"]) >= {"never", "state4"}
+  with pytest.raises(FileNotFoundError, match="no such file"):
+    overhead.bench_allocator(libc + ".missing", 1, True, print)
+  with pytest.raises(SystemExit):
+    overhead.main(["--out", "unused", "--allocator", libc + ".missing"])
+  assert "--allocator: no such file" in capsys.readouterr().err

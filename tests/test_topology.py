@@ -657,3 +657,26 @@ def test_upper_indices_are_the_upper_triangle_and_refuse_overflow():
     np.testing.assert_array_equal(got, expected)
   with pytest.raises(ValueError, match="max_nodes"):
     upper_indices(46341)  # 46341^2 > 2^31 - 1
+
+
+@pytest.mark.parametrize("resolution", [1, 7, 512, 1000])
+def test_device_quantile_ranks_match_the_int64_formula(resolution):
+  # Built from an iota on the device (no constant in the program), split so
+  # that int32 holds every term; the reference computes in int64.
+  rng = np.random.default_rng(resolution)
+  sizes = [0, 1, 2, resolution - 1, resolution, 2 * resolution + 1, 18_145,
+           73_153, 33_550_336, 2**31 - 1,
+           *rng.integers(1, 2**31 - 1, 20).tolist()]
+  for n in sizes:
+    got = jax.jit(topology._quantile_ranks_device, static_argnums=(0, 1))(
+        n, resolution)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(
+        np.asarray(got), topology.quantile_ranks(n, resolution), err_msg=n)
+
+
+def test_device_quantile_ranks_fall_back_past_int32():
+  # 4 K^2 past int32: the (int32) constant instead of the split formula.
+  got = topology._quantile_ranks_device(10**6, 23_170)
+  np.testing.assert_array_equal(np.asarray(got),
+                                topology.quantile_ranks(10**6, 23_170))
