@@ -72,10 +72,11 @@ _SCALE, _Z, _DISTANCE, _NOISE, _EVEN_DISTANCE, _ODD_DISTANCE = range(6)
 _NUM_COUNTERS = _SKIPPED + 1
 
 
-def _slot(slot: int) -> np.ndarray:
-  """Boolean ``[_NUM_COUNTERS]`` mask of one counter (a mask, not a
-  scatter: see cgalr_jax._sums)."""
-  return np.arange(_NUM_COUNTERS) == slot
+def _slot(slot: int) -> jax.Array:
+  """Boolean ``[_NUM_COUNTERS]`` mask of one counter: a mask, not a
+  scatter, and from an iota, not a constant (each is a buffer that every
+  run of the compiled step sets up: see cgalr_jax._sums)."""
+  return jax.lax.iota(jnp.int32, _NUM_COUNTERS) == slot
 
 
 class ScaleByConnectomeState(NamedTuple):
@@ -483,7 +484,7 @@ def scale_by_connectome(
 
   def skip(state):
     return state._replace(
-        counters=state.counters + _slot(_SKIPPED).astype(np.int32))
+        counters=state.counters + _slot(_SKIPPED).astype(jnp.int32))
 
   def accept(state, summaries, dist, noise_values, num_nodes):
     """Fold an accepted measurement into the state (DESIGN.md 2)."""
