@@ -34,8 +34,9 @@ shared machine.
    and ``cgalr_every10_ms`` are the ``backend="auto"`` ones. One repetition
    is one cycle of 10 steps; the figure is the time per step.
 4. ``sources``: the reference MLP's step with each signal source at its
-   defaults (probe at the default ``every`` and at ``every=100``, pool,
-   batch every step and every 10th), in cycles of 100 steps;
+   defaults (probe at the default ``every``, at ``every=100`` and never
+   measuring, pool, batch every step and every 10th), in cycles of 100
+   steps;
    ``sources_paired`` (and ``step_paired`` for section 3) holds the median
    over rounds of each round's ratio to plain SGD, with a bootstrap 95%
    interval: variants of one round run back to back, so a burst of load
@@ -549,7 +550,8 @@ def reference_mlp(quick: bool):
 
 
 def bench_sources(reps: int, quick: bool, log) -> dict:
-  """The reference MLP with each source at its default settings."""
+  """The reference MLP with each source at its default settings (and the
+  probe that never measures: the fixed cost, in the same rounds)."""
   model, params, x, y, probe = reference_mlp(quick)
   num_signals = sum(model.hidden)
   cg = lambda **kw: cgalr_jax.cgalr(0.01, 0.9, **kw)  # noqa: E731
@@ -557,6 +559,7 @@ def bench_sources(reps: int, quick: bool, log) -> dict:
       "sgd": (optax.sgd(0.01, 0.9), False),
       "probe_default": (cg(probe=probe), False),
       "probe_every100": (cg(probe=probe, every=100), False),
+      "probe_never": (cg(probe=probe, every=EVERY["never"]), False),
       "pool_default": (cg(pool=True, max_nodes=num_signals), True),
       "batch_every1": (cg(every=1), True),
       "batch_every10": (cg(every=10), True),
@@ -1012,7 +1015,7 @@ def bench_never(reps: int, quick: bool, log) -> dict:
 # The same steps with another malloc.
 
 
-def _allocator_child(reps: int, quick: bool, path: str) -> None:
+def allocator_sections(reps: int, quick: bool, path: str) -> None:
   """The ``sources`` and ``never_cost`` sections, written to ``path`` (run
   by :func:`bench_allocator` in a child process)."""
   result = {"device": device_description()}
@@ -1038,7 +1041,7 @@ def bench_allocator(library: str, reps: int, quick: bool, log) -> dict:
     path = os.path.join(tmp, "allocator.json")
     subprocess.run(
         [sys.executable, "-c", "import sys; from experiments import overhead; "
-         "overhead._allocator_child(int(sys.argv[1]), sys.argv[2] == '1', "
+         "overhead.allocator_sections(int(sys.argv[1]), sys.argv[2] == '1', "
          "sys.argv[3])", str(reps), "1" if quick else "0", path],
         env=env, check=True, cwd=root, stdin=subprocess.DEVNULL)
     child = json.loads(Path(path).read_text())

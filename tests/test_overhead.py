@@ -37,6 +37,7 @@ def test_cli_writes_the_schema(tmp_path, capsys):
   for key in ("sgd_ms", "cgalr_every1_ms", "cgalr_every10_ms"):
     assert positive(step[key])
   assert set(result["sources"]) == {"sgd", "probe_default", "probe_every100",
+                                    "probe_never",
                                     "pool_default", "batch_every1",
                                     "batch_every10"}
   assert all(positive(v) for v in result["sources"].values())
@@ -205,7 +206,8 @@ def test_allocator_reruns_sources_and_never_cost_in_a_child(capsys):
   assert got["preload"] == libc
   assert f"LD_PRELOAD={libc}" in got["device"]
   assert set(got["sources_paired"]) == {"sgd", "probe_default",
-                                        "probe_every100", "pool_default",
+                                        "probe_every100", "probe_never",
+                                        "pool_default",
                                         "batch_every1", "batch_every10"}
   assert set(got["never_cost"]["extra_us"]) >= {"never", "state4"}
   with pytest.raises(FileNotFoundError, match="no such file"):
