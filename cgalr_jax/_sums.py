@@ -4,16 +4,18 @@ Every run of a compiled XLA:CPU program sets up a table of the program's
 buffers, and in it each constant and each value of a reduction's, scatter's
 or sort's combining function is a small heap object, allocated and freed at
 every run even where it sits inside a ``lax.cond`` branch that does not run
-(with glibc's malloc about a quarter of a microsecond each; ``python -m
-experiments.overhead``, sections "untaken branch" and "never-measuring
-step"; README, Performance). CG-ALR's measurement sits in such a branch of
-every training step, so the sums it needs are written here as
-matrix-vector products, which XLA keeps as products as long as one operand
-is a matrix, and as associative scans (slices and adds); prefix sums of
-counts are products with triangular matrices of ones, built from iotas
-rather than held as constants, where float32 holds them exactly (faster
-than the scan). Each is exact where its use needs it: counts of 0/1 values
-below 2^24, sums with a single nonzero term, integer prefix sums.
+(``python -m experiments.overhead``, sections "untaken branch" and
+"never-measuring step", measure what that costs; README, Performance).
+CG-ALR's measurement sits in such a branch of every training step, so the
+sums it needs are written here as matrix-vector products, which XLA keeps
+as products as long as one operand is a matrix, and as associative scans
+(slices and adds); prefix sums of counts are products with triangular
+matrices of ones, built from iotas rather than held as constants, where
+float32 holds them exactly (faster than the scan). Each is exact where its
+use needs it: counts of 0/1 values below 2^24, sums with a single nonzero
+term, integer prefix sums. Sums of floats as products (the statistics'
+column sums, the distance) round differently from a reduction, which
+nothing that uses them depends on.
 """
 
 from __future__ import annotations

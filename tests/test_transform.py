@@ -631,8 +631,9 @@ def test_measuring_branch_holds_few_reductions(signals):
   a ``lax.cond`` branch that does not run (README, Performance). A training
   step that does not measure should stay close to a plain one, so the
   measuring branch keeps such operations few: the count in the compiled
-  step, over that of the same step with ``optax.sgd``, stays small: 17 at
-  P = 192 with this XLA, 70 before the gate's medians, the statistics'
+  step, over that of the same step with ``optax.sgd``, stays small: 13 at
+  P = 192 with this XLA (17 before the statistics' and the distance's
+  sums became products), 70 before the gate's medians, the statistics'
   checks and the selection's prefix sums became products, masks and
   slices (the bound leaves room for other XLA versions)."""
   rng = np.random.default_rng(0)
@@ -659,14 +660,16 @@ def test_measuring_branch_holds_few_reductions(signals):
   plain, plain_text = count(optax.sgd(0.1, 0.9))
   ours, text = count(cgalr(0.1, 0.9, probe=probe, every=100))
   assert "conditional(" in text and "while(" in text  # Prim's loop is there
-  assert ours - plain <= 24, (ours, plain)
+  assert ours - plain <= 20, (ours, plain)
   # What each run sets up, measuring or not, each a small allocation: the
   # constants (the probe's inputs among them) and the combining-function
-  # values of reductions, scatters and sorts. With this XLA: 25 and 30 at
-  # P = 48, 18 and 57 at P = 192 (the radix selection's scatters).
+  # values of reductions, scatters and sorts. With this XLA: 20 and 18 at
+  # P = 48, 13 and 45 at P = 192 (the radix selection's scatters); 25 and
+  # 30, 18 and 57 before the statistics' and the distance's sums became
+  # products (the bound leaves room for other XLA versions).
   extra = {k: v - per_run_buffers(plain_text)[k]
            for k, v in per_run_buffers(text).items()}
-  assert extra["constants"] <= 32 and extra["region_values"] <= 72, extra
+  assert extra["constants"] <= 26 and extra["region_values"] <= 56, extra
 
 
 @pytest.mark.parametrize("distance", ["top", "wd"])
