@@ -48,10 +48,11 @@ shared machine.
    experiments' mnist5k MLP (P = 192): probe forward pass, statistics and
    correlation, TOP summary (device; through the host), the gate's fold,
    and a whole measuring update per backend.
-7. ``untaken``: what a ``lax.cond`` branch that never runs adds to the
-   reference MLP step per operation it holds (100 cumulative sums, 100 of
-   the same sums as associative scans, 100 matrix-vector products, or 100
-   products with distinct constant vectors), how many reduction-like
+7. ``untaken``: what a ``lax.cond`` branch that never runs adds to a
+   step per operation it holds (100 cumulative sums, 100 of the same sums
+   as associative scans, 100 matrix-vector products, or 100 products with
+   distinct constant vectors; on the small MLP of section 11, in 150
+   paired rounds, medians with 95% intervals), how many reduction-like
    operations CG-ALR's measuring branch adds to the compiled step, and the
    buffers that every run of the compiled step sets up whether or not the
    branch runs (``per_run_buffers``: its constants and the values of its
@@ -814,23 +815,32 @@ def per_run_buffers(hlo_text: str) -> dict[str, int]:
 
 def bench_untaken(reps: int, quick: bool, log) -> dict:
   """What a ``lax.cond`` branch that does not run costs a step on this
-  backend, per operation it holds, by kind; and how many reduction-like
+  backend, per operation it holds, by kind (on the small MLP of
+  :func:`bench_never`, steps donating their inputs, paired rounds: the
+  figures are fractions of a microsecond); how many reduction-like
   operations (reduce, reduce-window, scatter, sort) CG-ALR's measuring
   branch adds to the reference MLP step (the compiled program's count over
-  plain SGD's)."""
+  plain SGD's); and the buffers each run of either compiled step sets up
+  (:func:`per_run_buffers`)."""
   count = 20 if quick else UNTAKEN_OPS
-  model, params, x, y, probe = reference_mlp(quick)
+  kinds = ("cumsum", "scan", "matvec", "constant")
+  model, params, x, y, _ = small_mlp(quick)
   chain = lambda t: optax.chain(optax.trace(0.9), t,  # noqa: E731
                                 optax.scale_by_learning_rate(0.01))
-  variants = {"sgd": (optax.sgd(0.01, 0.9), False),
-              "empty": (chain(_branch_scale("matvec", 0)), False)}
-  kinds = ("cumsum", "scan", "matvec", "constant")
-  variants.update({kind: (chain(_branch_scale(kind, count)), False)
-                   for kind in kinds})
-  per_step, _ = time_variants(model, params, x, y, variants, CYCLE,
-                              max(reps, 50))
-  per_op_us = {kind: 1e3 * (per_step[kind] - per_step["empty"]) / count
-               for kind in kinds}
+  optimizers = {"sgd": optax.sgd(0.01, 0.9),
+                "empty": chain(_branch_scale("matvec", 0))}
+  optimizers.update({kind: chain(_branch_scale(kind, count))
+                     for kind in kinds})
+  calls = {name: _donated_cycle(model, optimizer, params, x, y)
+           for name, optimizer in optimizers.items()}
+  rounds = reps if quick else max(reps, NEVER_ROUNDS)
+  times = time_rounds(calls, rounds)
+  step_us = {name: 1e6 / NEVER_STEPS * float(np.median(t))
+             for name, t in times.items()}
+  per_op = paired_differences(times, "empty", 1e6 / NEVER_STEPS / count)
+  per_op_us = {kind: per_op[kind]["median"] for kind in kinds}
+
+  model, params, x, y, probe = reference_mlp(quick)
 
   def compiled_text(optimizer):
     return jax.jit(make_step(model, optimizer, x, y)).lower(
@@ -842,13 +852,16 @@ def bench_untaken(reps: int, quick: bool, log) -> dict:
            - len(REDUCTION_OPS.findall(plain)))
   buffers = {name: per_run_buffers(text)
              for name, text in (("cgalr", ours), ("sgd", plain))}
-  log(f"  untaken branch ({count} ops): " + ", ".join(
-      f"{k} {v:.3f} ms" for k, v in per_step.items()) + "; per op "
-      + ", ".join(f"{k} {v:.2f} us" for k, v in per_op_us.items())
+  log(f"  untaken branch ({count} ops, small MLP, us per step): " + ", ".join(
+      f"{k} {v:.1f}" for k, v in step_us.items()) + "; per op "
+      + ", ".join(f"{k} {v['median']:.3f} ({v['low']:.3f} to "
+                  f"{v['high']:.3f}) us" for k, v in per_op.items()
+                  if k in kinds)
       + f"; CG-ALR adds {extra} reduction-like ops; per-run buffers "
       + ", ".join(f"{k} {v}" for k, v in buffers.items()))
-  return {"untaken": {"ops": count, "step_ms": per_step,
+  return {"untaken": {"ops": count, "rounds": rounds, "step_us": step_us,
                       "per_op_us": per_op_us,
+                      "per_op_interval_us": {k: per_op[k] for k in kinds},
                       "cgalr_extra_reductions": extra,
                       "per_run_buffers": buffers}}
 
@@ -951,6 +964,37 @@ def _stubbed(names: Sequence[str]):
       setattr(module, attr, original)
 
 
+def small_mlp(quick: bool):
+  """The small MLP where fixed costs stand out (64-128-64-10, batch
+  ``NEVER_BATCH``; a tiny one with ``quick``): ``(model, params, x, y,
+  probe)``, the probe reading ``PROBE_SIZE`` fixed samples."""
+  from experiments import models as models_lib  # pylint: disable=import-outside-toplevel
+
+  hidden, probe_size = ((16, 8), 64) if quick else ((128, 64), PROBE_SIZE)
+  model = models_lib.MLP(hidden=hidden)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(NEVER_BATCH, 64)).astype(np.float32))
+  y = jnp.asarray(rng.integers(0, 10, NEVER_BATCH).astype(np.int32))
+  params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
+  probe = flax_probe(model, jnp.asarray(
+      rng.normal(size=(probe_size, 64)).astype(np.float32)))
+  return model, params, x, y, probe
+
+
+def _donated_cycle(model, optimizer, params, x, y, donate: bool = True
+                   ) -> Callable[[], None]:
+  """A compiled, warmed-up cycle of ``NEVER_STEPS`` steps of ``optimizer``
+  from a copy of ``params``, the step donating its inputs unless told."""
+  carry = {"params": jax.tree.map(jnp.copy, params),
+           "opt_state": optimizer.init(params)}
+  step = jax.jit(make_step(model, optimizer, x, y),
+                 donate_argnums=(0, 1) if donate else ())
+  carry["params"], carry["opt_state"], _ = step(carry["params"],
+                                                carry["opt_state"])
+  _block(carry)
+  return _cycle(step, carry, NEVER_STEPS)
+
+
 def bench_never(reps: int, quick: bool, log) -> dict:
   """The fixed cost of a step that never measures, taken apart: a small MLP
   (64-128-64-10, batch 8, P = 192 with the radix selection; 512 probe
@@ -962,16 +1006,7 @@ def bench_never(reps: int, quick: bool, log) -> dict:
   summary, the correlation and the gate's fold): what a part costs is the
   difference it makes, though it never runs. ``undonated_extra_us``: the
   step that never measures against plain SGD, neither donating."""
-  from experiments import models as models_lib  # pylint: disable=import-outside-toplevel
-
-  hidden, probe_size = ((16, 8), 64) if quick else ((128, 64), PROBE_SIZE)
-  model = models_lib.MLP(hidden=hidden)
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(NEVER_BATCH, 64)).astype(np.float32))
-  y = jnp.asarray(rng.integers(0, 10, NEVER_BATCH).astype(np.int32))
-  params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
-  probe = flax_probe(model, jnp.asarray(
-      rng.normal(size=(probe_size, 64)).astype(np.float32)))
+  model, params, x, y, probe = small_mlp(quick)
   calls = {}
   for name, stubs in NEVER_VARIANTS.items():
     if name.startswith("sgd"):
@@ -982,15 +1017,9 @@ def bench_never(reps: int, quick: bool, log) -> dict:
     else:
       optimizer = cgalr_jax.cgalr(0.01, 0.9, probe=probe,
                                   every=EVERY["never"], backend="device")
-    carry = {"params": jax.tree.map(jnp.copy, params),
-             "opt_state": optimizer.init(params)}
     with _stubbed(stubs or ()):
-      step = jax.jit(make_step(model, optimizer, x, y), donate_argnums=(
-          () if name.endswith("undonated") else (0, 1)))
-      carry["params"], carry["opt_state"], _ = step(carry["params"],
-                                                    carry["opt_state"])
-      _block(carry)
-    calls[name] = _cycle(step, carry, NEVER_STEPS)
+      calls[name] = _donated_cycle(model, optimizer, params, x, y,
+                                   donate=not name.endswith("undonated"))
   rounds = reps if quick else max(reps, NEVER_ROUNDS)
   times = time_rounds(calls, rounds)
   us = 1e6 / NEVER_STEPS

@@ -56,11 +56,13 @@ def test_cli_writes_the_schema(tmp_path, capsys):
   assert all(positive(v) for v in result["breakdown"].values())
   assert result["breakdown_signals"] == 24  # the tiny MLP's 16 + 8
   untaken = result["untaken"]
-  assert set(untaken["step_ms"]) == {"sgd", "empty", "cumsum", "scan",
+  assert set(untaken["step_us"]) == {"sgd", "empty", "cumsum", "scan",
                                      "matvec", "constant"}
-  assert all(positive(v) for v in untaken["step_ms"].values())
+  assert all(positive(v) for v in untaken["step_us"].values())
   assert set(untaken["per_op_us"]) == {"cumsum", "scan", "matvec",
                                        "constant"}
+  assert all(v["low"] <= untaken["per_op_us"][k] == v["median"] <= v["high"]
+             for k, v in untaken["per_op_interval_us"].items())
   assert 0 < untaken["cgalr_extra_reductions"] <= 24
   buffers = untaken["per_run_buffers"]
   assert all(buffers["cgalr"][k] > buffers["sgd"][k] >= 0
