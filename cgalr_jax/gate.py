@@ -213,6 +213,24 @@ def _pairs(window: int) -> tuple[np.ndarray, np.ndarray]:
   return np.triu_indices(window, k=1)
 
 
+def _pairs_device(window: int) -> tuple[jax.Array, jax.Array]:
+  """:func:`_pairs` in the same order, computed from an iota where it is
+  used rather than held as constants (each constant is a buffer every run
+  of the training step sets up, measuring or not: see cgalr_jax._sums).
+
+  Pair ``e`` lies in row ``i``, the number of rows ``r >= 1`` whose first
+  pair, ``r W - r (r + 1) / 2``, is at or before ``e`` (a count, as a
+  product), and ``j = e - first(i) + i + 1``.
+  """
+  pair = jax.lax.iota(jnp.int32, window * (window - 1) // 2)
+  rows = jnp.arange(1, window, dtype=jnp.int32)
+  first = rows * window - rows * (rows + 1) // 2
+  i = _sums.matvec(first[None, :] <= pair[:, None],
+                   jnp.ones((window - 1,), jnp.float32)).astype(jnp.int32)
+  j = pair - (i * window - i * (i + 1) // 2) + i + 1
+  return i, j
+
+
 def robust_z(history: jax.Array, count: jax.Array, value: jax.Array,
              score: str = "trailing", xp: Any = jnp) -> jax.Array:
   """Robust score of ``value`` against the filled part of ``history``.
@@ -240,7 +258,7 @@ def robust_z(history: jax.Array, count: jax.Array, value: jax.Array,
     # Every unordered pair of slots once (ages are distinct, so dx != 0):
     # a pair's slope does not depend on its order, and half the values make
     # the median's pairwise ranking four times cheaper.
-    i, j = _pairs(window)
+    i, j = _pairs(window) if xp is not jnp else _pairs_device(window)
     pair = filled[i] & filled[j]
     slopes = xp.where(pair, (past[i] - past[j]) / xp.where(
         pair, x[i] - x[j], 1.0), xp.float32(xp.nan))

@@ -293,3 +293,13 @@ def test_sort_free_median_equals_nanmedian(shape):
     else:
       assert traced == want
       assert host == pytest.approx(float(np.nanmedian(x)), rel=1e-6)
+
+
+def test_device_pairs_match_numpy_triu_indices():
+  # The gate's pair indices on the device come from an iota; the host's
+  # from numpy.triu_indices, in the same order.
+  for window in [1, 2, 3, 5, 20, 64, 101]:
+    i, j = jax.jit(gate._pairs_device, static_argnums=0)(window)
+    want_i, want_j = np.triu_indices(window, k=1)
+    np.testing.assert_array_equal(np.asarray(i), want_i, err_msg=window)
+    np.testing.assert_array_equal(np.asarray(j), want_j, err_msg=window)
