@@ -41,6 +41,14 @@ def total(v: jax.Array) -> jax.Array:
                  precision=jax.lax.Precision.HIGHEST)[0]
 
 
+def column_sums(x: jax.Array) -> jax.Array:
+  """Sums over the leading axis of a ``[n, m]`` matrix, as the product of a
+  vector of ones with it (``ones @ x``: no transpose is materialised, as
+  ``matvec(x.T, ones)`` would be)."""
+  return jnp.dot(jnp.ones((x.shape[0],), jnp.float32), x.astype(jnp.float32),
+                 precision=jax.lax.Precision.HIGHEST)
+
+
 def cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
   """Inclusive cumulative sum along ``axis`` (``jnp.cumsum`` is a tree of
   reduce-windows on XLA:CPU); exact on integers."""

@@ -222,13 +222,12 @@ def _pairs_device(window: int) -> tuple[jax.Array, jax.Array]:
   pair, ``r W - r (r + 1) / 2``, is at or before ``e`` (a count, as a
   product), and ``j = e - first(i) + i + 1``.
   """
+  first = lambda r: r * window - r * (r + 1) // 2  # noqa: E731
   pair = jax.lax.iota(jnp.int32, window * (window - 1) // 2)
   rows = jnp.arange(1, window, dtype=jnp.int32)
-  first = rows * window - rows * (rows + 1) // 2
-  i = _sums.matvec(first[None, :] <= pair[:, None],
+  i = _sums.matvec(first(rows)[None, :] <= pair[:, None],
                    jnp.ones((window - 1,), jnp.float32)).astype(jnp.int32)
-  j = pair - (i * window - i * (i + 1) // 2) + i + 1
-  return i, j
+  return i, pair - first(i) + i + 1
 
 
 def robust_z(history: jax.Array, count: jax.Array, value: jax.Array,

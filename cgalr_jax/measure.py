@@ -231,15 +231,11 @@ def split_stats(a: jax.Array, shift: jax.Array | None = None, *,
     :class:`SignalStats` whose fields have a leading axis of 1 or 2 parts.
   """
   a = a.astype(jnp.float32)
-  # Column sums as products with a vector of ones, not reductions: a
-  # reduction's combining function is buffers that every run of the
-  # training step sets up, measuring or not (see cgalr_jax._sums).
-  def column_sums(x):
-    return jnp.dot(jnp.ones((x.shape[0],), jnp.float32), x,
-                   precision=jax.lax.Precision.HIGHEST)
-
+  # Column sums as products, not reductions: a reduction's combining
+  # function is buffers that every run of the training step sets up,
+  # measuring or not (see cgalr_jax._sums).
   if shift is None:
-    shift = column_sums(a) / a.shape[0]
+    shift = _sums.column_sums(a) / a.shape[0]
     if axis_name is not None:
       # Every shard must use the same shift for the sums to add up.
       shift = jax.lax.pmean(shift, axis_name)
@@ -248,7 +244,7 @@ def split_stats(a: jax.Array, shift: jax.Array | None = None, *,
   for part in parts:
     centred = part - shift
     n.append(jnp.asarray(part.shape[0], jnp.float32))
-    total.append(column_sums(centred))
+    total.append(_sums.column_sums(centred))
     gram.append(_gram(centred))
   n, total, gram = jnp.stack(n), jnp.stack(total), jnp.stack(gram)
   if axis_name is not None:

@@ -7,6 +7,11 @@ writes the ``overhead.json`` schema other tools read, not any timing.
 from __future__ import annotations
 
 import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -164,12 +169,6 @@ print(json.dumps(per_run_buffers(text)))
 def test_per_run_buffers_match_xla_buffer_assignment(tmp_path):
   """The count read off the HLO text against XLA's own buffer assignment
   (dumped by a child process): its constant and thread-local allocations."""
-  import os  # pylint: disable=import-outside-toplevel
-  import pathlib  # pylint: disable=import-outside-toplevel
-  import re  # pylint: disable=import-outside-toplevel
-  import subprocess  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
-
   env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={tmp_path}",
              JAX_PLATFORMS="cpu",
              PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
