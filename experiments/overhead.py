@@ -47,7 +47,9 @@ shared machine.
 6. ``breakdown``: where one probe measurement's time goes on the
    experiments' mnist5k MLP (P = 192): probe forward pass, statistics and
    correlation, TOP summary (device; through the host), the gate's fold,
-   and a whole measuring update per backend.
+   and a whole measuring update per backend; ``breakdown_reference``: the
+   same on the reference MLP of section 4 (P = 384), with its plain SGD
+   step.
 7. ``untaken``: what a ``lax.cond`` branch that never runs adds to a
    step per operation it holds (100 cumulative sums, 100 of the same sums
    as associative scans, 100 matrix-vector products, or 100 products with
@@ -674,21 +676,8 @@ def bench_runs(reps: int, quick: bool, log) -> dict:
   return out
 
 
-def bench_breakdown(reps: int, quick: bool, log) -> dict:
-  """Where one probe measurement's time goes on the experiments' mnist5k MLP
-  (784-128-64-10, P = 192, 512 fixed probe samples), each part its own
-  ``jax.jit``-ed call, timed interleaved: the probe's forward pass and
-  signals, statistics and correlation, the TOP summary (device, and through
-  the host), the gate's fold of a distance, and a whole measuring update
-  (``every=1``) per backend."""
-  from experiments import models as models_lib  # pylint: disable=import-outside-toplevel
-
-  hidden, probe_size = ((16, 8), 64) if quick else ((128, 64), PROBE_SIZE)
-  x_np, _, _ = training_batch(probe_size, real=not quick)
-  model = models_lib.MLP(hidden=hidden)
-  params = jax.jit(model.init)(jax.random.key(0), jnp.asarray(x_np[:1]))[
-      "params"]
-  probe = flax_probe(model, jnp.asarray(x_np[:probe_size]))
+def _breakdown_parts(params, probe) -> dict[str, tuple[Callable, tuple]]:
+  """``{part: (jitted function, arguments)}`` of one probe measurement."""
   signals = jax.jit(lambda p: measure.signals(probe(p)))
   a = signals(params)
   corr = jax.jit(measure.connectome)  # statistics and correlation
@@ -717,14 +706,49 @@ def bench_breakdown(reps: int, quick: bool, log) -> dict:
     for _ in range(3):  # past the reference, with a history
       state = update(grads, state, params)
     parts[f"update_{backend}"] = (update, (grads, state, params))
+  return parts
+
+
+def _time_parts(parts: dict, reps: int) -> dict[str, float]:
   calls = {}
   for name, (fn, args) in parts.items():
     _block(fn(*args))
     calls[name] = lambda fn=fn, args=args: _block(fn(*args))
-  out = time_interleaved(calls, max(reps, 50))
-  log(f"  breakdown (MLP P={a.shape[1]}, probe {probe_size}): " + ", ".join(
+  return time_interleaved(calls, max(reps, 50))
+
+
+def bench_breakdown(reps: int, quick: bool, log) -> dict:
+  """Where one probe measurement's time goes, each part its own
+  ``jax.jit``-ed call, timed interleaved: the probe's forward pass and
+  signals, statistics and correlation, the TOP summary (device, and through
+  the host), the gate's fold of a distance, and a whole measuring update
+  (``every=1``) per backend. On the experiments' mnist5k MLP (784-128-64-10,
+  P = 192, 512 fixed probe samples: ``breakdown``), and on the reference
+  MLP of the ``sources`` section (P = 384, the same probe:
+  ``breakdown_reference``, with its plain SGD step, ``sgd_step``, timed in
+  the same rounds)."""
+  from experiments import models as models_lib  # pylint: disable=import-outside-toplevel
+
+  hidden, probe_size = ((16, 8), 64) if quick else ((128, 64), PROBE_SIZE)
+  x_np, _, _ = training_batch(probe_size, real=not quick)
+  model = models_lib.MLP(hidden=hidden)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.asarray(x_np[:1]))[
+      "params"]
+  probe = flax_probe(model, jnp.asarray(x_np[:probe_size]))
+  out = _time_parts(_breakdown_parts(params, probe), reps)
+  log(f"  breakdown (MLP P={sum(hidden)}, probe {probe_size}): " + ", ".join(
       f"{k} {v:.3f} ms" for k, v in out.items()))
-  return {"breakdown": out, "breakdown_signals": int(a.shape[1])}
+  model, params, x, y, probe = reference_mlp(quick)
+  parts = _breakdown_parts(params, probe)
+  sgd = optax.sgd(0.01, 0.9)
+  parts["sgd_step"] = (jax.jit(make_step(model, sgd, x, y)),
+                       (params, sgd.init(params)))
+  reference = _time_parts(parts, reps)
+  log(f"  breakdown (reference MLP P={sum(model.hidden)}): " + ", ".join(
+      f"{k} {v:.3f} ms" for k, v in reference.items()))
+  return {"breakdown": out, "breakdown_signals": sum(hidden),
+          "breakdown_reference": reference,
+          "breakdown_reference_signals": sum(model.hidden)}
 
 
 UNTAKEN_OPS = 100  # operations in the branch that never runs
@@ -1131,12 +1155,23 @@ def _cpu_model_from(path: str) -> str:
   return name
 
 
+def c_library() -> str:
+  """The C library this process runs on, as it reports itself (for example
+  ``glibc 2.36``; its ``malloc`` sets much of a step's fixed cost), or
+  ``unknown``."""
+  try:
+    return os.confstr("CS_GNU_LIBC_VERSION") or "unknown"
+  except (AttributeError, OSError, ValueError):
+    return "unknown"
+
+
 def device_description() -> str:
   dev = jax.devices()[0]
   return (f"{jax.default_backend()} ({dev.device_kind}); host {cpu_model()}, "
           f"{os.cpu_count()} cores, NumPy float32 sort "
           f"{measure.host_sort_ns_per_element():.1f} ns/element; "
           f"jax {jax.__version__}, numpy {np.__version__}; "
+          f"C library {c_library()}; "
           f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '') or '(none)'}")
 
 
@@ -1344,6 +1379,11 @@ def table(result: dict) -> str:
     lines += ["", f"One probe measurement by part, experiments' MLP (P="
               f"{result['breakdown_signals']}), median ms:", "  " + ", ".join(
                   f"{k} {v:.3f}" for k, v in result["breakdown"].items())]
+  if "breakdown_reference" in result:
+    lines += [f"The same, reference MLP (P="
+              f"{result['breakdown_reference_signals']}), median ms:",
+              "  " + ", ".join(f"{k} {v:.3f}" for k, v in
+                               result["breakdown_reference"].items())]
   if "untaken" in result:
     u = result["untaken"]
     lines += ["", f"A lax.cond branch that never runs, {u['ops']} operations"

@@ -6,6 +6,7 @@ writes the ``overhead.json`` schema other tools read, not any timing.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import pathlib
@@ -60,6 +61,10 @@ def test_cli_writes_the_schema(tmp_path, capsys):
       "top_summary_host", "gate_fold", "update_device", "update_host"}
   assert all(positive(v) for v in result["breakdown"].values())
   assert result["breakdown_signals"] == 24  # the tiny MLP's 16 + 8
+  assert set(result["breakdown_reference"]) == set(result["breakdown"]) | {
+      "sgd_step"}
+  assert all(positive(v) for v in result["breakdown_reference"].values())
+  assert result["breakdown_reference_signals"] == 24
   untaken = result["untaken"]
   assert set(untaken["step_us"]) == {"sgd", "empty", "cumsum", "scan",
                                      "matvec", "constant"}
@@ -195,6 +200,18 @@ def _loaded_libc() -> str | None:
   except OSError:
     pass
   return None
+
+
+def test_c_library_is_the_one_loaded():
+  try:
+    libc = ctypes.CDLL(None)
+    libc.gnu_get_libc_version.restype = ctypes.c_char_p
+    version = libc.gnu_get_libc_version().decode()
+  except (AttributeError, OSError):
+    assert overhead.c_library() == "unknown"
+    return
+  assert overhead.c_library() == f"glibc {version}"
+  assert f"C library glibc {version};" in overhead.device_description()
 
 
 def test_allocator_reruns_sources_and_never_cost_in_a_child(capsys):
