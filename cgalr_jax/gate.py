@@ -257,7 +257,7 @@ def robust_z(history: jax.Array, count: jax.Array, value: jax.Array,
     # Every unordered pair of slots once (ages are distinct, so dx != 0):
     # a pair's slope does not depend on its order, and half the values make
     # the median's pairwise ranking four times cheaper.
-    i, j = _pairs(window) if xp is not jnp else _pairs_device(window)
+    i, j = _pairs_device(window) if xp is jnp else _pairs(window)
     pair = filled[i] & filled[j]
     slopes = xp.where(pair, (past[i] - past[j]) / xp.where(
         pair, x[i] - x[j], 1.0), xp.float32(xp.nan))
